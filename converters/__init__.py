@@ -1,0 +1,1 @@
+"""Converters from Hugging Face checkpoints to the engine format."""

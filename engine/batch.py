@@ -1,0 +1,59 @@
+"""Packed (unpadded) token batches: sequences concatenated along one token axis with ``cu_seqlens``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """A batch of sequences packed into ``[total_tokens]`` with no padding.
+
+    ``input_ids``: int64 [total_tokens]; ``positions``: int64 [total_tokens], restarting at 0 for every
+    sequence; ``cu_seqlens``: int32 [batch + 1] prefix sums of the lengths; ``seqlens``: the lengths on
+    the host (packing already knows them, so no layer needs a device-to-host copy).
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    seqlens: tuple[int, ...]
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seqlens, default=0)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """int64 [batch]: index of each sequence's first token in the packed axis."""
+        return self.cu_seqlens[:-1].long()
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """int64 [batch]: one past each sequence's last token."""
+        return self.cu_seqlens[1:].long()
+
+
+def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> PackedBatch:
+    """Concatenate token-id lists into a :class:`PackedBatch` on ``device`` (one host-to-device copy each)."""
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("cannot pack an empty sequence")
+    seqlens = tuple(len(s) for s in sequences)
+    lengths = torch.tensor(seqlens, dtype=torch.int64)
+    total = int(lengths.sum())
+    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu[1:])
+    # Position of token t = t - start of its sequence.
+    positions = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(cu[:-1].long(), lengths)
+    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
+    return PackedBatch(
+        input_ids=ids.to(device, non_blocking=True),
+        positions=positions.to(device, non_blocking=True),
+        cu_seqlens=cu.to(device, non_blocking=True),
+        seqlens=seqlens,
+    )

@@ -1,0 +1,135 @@
+"""The public :class:`Engine`: load a converted checkpoint, ``encode`` texts into embeddings."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from .backends import BACKENDS, get_ops
+from .batch import pack
+from .format import DTYPES, ENCODE_POOLING, EngineConfig, FormatError, load_state_dict
+from .inputs import Example, parse_inputs, pooling_spans, tokenize
+from .model import EncoderModel
+
+_AUTO = "auto"
+
+
+class Engine:
+    """A bidirectional LLM encoder ready to embed text.
+
+    Use :meth:`from_pretrained` on a directory written by ``python -m converters.hf2engine``.
+    """
+
+    def __init__(self, model: EncoderModel, tokenizer: Any, config: EngineConfig, pooling: str, max_length: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.pooling = pooling
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = _AUTO,
+        pooling: str | None = None,
+        max_length: int | None = None,
+        backend: str | None = None,
+    ) -> "Engine":
+        """Load an engine directory.
+
+        ``dtype``: the compute dtype; by default float32 on CPU and bfloat16 on CUDA; ``None`` keeps the
+        stored dtype. ``pooling`` and ``max_length`` override the defaults stored at conversion.
+        ``backend``: ``"reference"`` (plain PyTorch) or a fused backend where available.
+        """
+        path = Path(path)
+        config = EngineConfig.read(path)
+        device = torch.device(device)
+        dtype = _resolve_dtype(dtype, config.dtype, device)
+        pooling = config.pooling if pooling is None else pooling
+        if pooling not in ENCODE_POOLING:
+            raise ValueError(f"pooling={pooling!r}: expected one of {ENCODE_POOLING}")
+        max_length = config.max_length if max_length is None else max_length
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length={max_length!r}: expected a positive integer")
+        backend = "reference" if backend is None else backend
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+
+        # Build on the meta device (no allocation), then adopt the stored tensors as parameters.
+        with torch.device("meta"):
+            model = EncoderModel(config.model, with_lm_head=config.has_lm_head)
+        state = load_state_dict(path, device)
+        expected = set(model.state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise FormatError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {extra[:3]})")
+        model.load_state_dict(state, assign=True)
+        model.to(dtype=dtype).eval().requires_grad_(False)
+        model.ops = get_ops(backend)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if not tokenizer.is_fast:
+            raise FormatError(f"{path}: the tokenizer must be a fast tokenizer (tokenizer.json) to give offsets")
+        return cls(model, tokenizer, config, pooling, max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.model.hidden_size
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        inputs: Sequence[str | tuple[str, str] | list[str]],
+        normalize: bool = False,
+        batch_size: int = 64,
+        show_progress_bar: bool = False,
+        convert_to_numpy: bool = False,
+    ) -> torch.Tensor | np.ndarray:
+        """Embed ``inputs`` (strings or ``(instruction, text)`` pairs): float32 [len(inputs), hidden].
+
+        Inputs are sorted by token count (longest first) and encoded ``batch_size`` at a time as packed
+        batches; rows come back in input order, and no embedding depends on its batch neighbours.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+        examples = parse_inputs(inputs)
+        out = torch.empty((len(examples), self.hidden_size), dtype=torch.float32)
+        tokenized = tokenize(self.tokenizer, examples, self.max_length, require_text=self.pooling in ("mean", "weighted_mean"))
+        order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i].input_ids))
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for chunk in tqdm(chunks, desc="encode", unit="batch", disable=not show_progress_bar):
+            items = [tokenized[i] for i in chunk]
+            batch = pack([t.input_ids for t in items], self.device)
+            hidden = self.model(batch)
+            starts, ends, mode = pooling_spans(items, batch, self.pooling)
+            pooled = self.model.ops.pool(hidden, starts, ends, mode, normalize)
+            out[torch.tensor(chunk)] = pooled.float().cpu()
+        return out.numpy() if convert_to_numpy else out
+
+    def tokenize(self, inputs: Sequence[Any]) -> list[Example]:
+        """The validated examples of ``inputs`` (exposed for training and tests)."""
+        return parse_inputs(inputs)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, stored: str, device: torch.device) -> torch.dtype:
+    if dtype == _AUTO:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        return DTYPES[stored]
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype={dtype!r}: expected torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
