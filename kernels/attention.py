@@ -3,11 +3,20 @@
 ``q``: [total_tokens, n_heads, head_dim]; ``k``, ``v``: [total_tokens, n_kv_heads, head_dim];
 ``cu_seqlens``: int32 [batch + 1] prefix sums of the sequence lengths. Every token attends to every
 token of its own sequence and to none of the others.
+
+``varlen_attention_reference`` is the plain-PyTorch path; ``varlen_attention`` is a one-pass
+FlashAttention-2 style Triton kernel (online softmax, no [L, L] matrix in memory). Grid: (query blocks
+of ``max_seqlen``, batch * n_heads); query blocks past a sequence's end return at once.
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 def varlen_attention_reference(
@@ -41,3 +50,230 @@ def varlen_attention_reference(
     if not outs:
         return q.new_empty(q.shape)
     return torch.cat(outs, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------------
+
+_MAX_HEAD_DIM = 256
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if _interpreting():
+        # The interpreter runs every program in numpy: one small tile (16 is tl.dot's minimum) and
+        # no tuning, since benchmarking configs there only costs time.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in (
+            (128, 128, 8, 3),
+            (128, 64, 8, 3),
+            (128, 64, 4, 3),
+            (128, 32, 4, 3),
+            (64, 64, 4, 3),
+            (64, 64, 4, 2),
+            (64, 32, 4, 2),
+            (32, 32, 4, 2),
+        )
+    ]
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles whose shared-memory footprint cannot fit (large head dims, float32 operands)."""
+    args = {**named_args, **kwargs}
+    block_d = args["BLOCK_D"]
+    elem = args["Q"].element_size()
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        # Q tile once, K and V tiles once per pipeline stage; Hopper has 227 KiB, Ampere 163 KiB.
+        smem = (bm + 2 * bn * max(c.num_stages, 1)) * block_d * elem
+        if smem <= 160 * 1024 and (elem < 4 or bm * bn <= 64 * 64):
+            kept.append(c)
+    return kept or [configs[-1]]
+
+
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, k_base, v_base, n0, seqlen, qk_scale, stride_kt, stride_vt,
+    offs_n, offs_d, mask_d,
+    MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold keys/values ``[n0, n0 + BLOCK_N)`` of one sequence into the running softmax state.
+
+    ``acc``: fp32 [BLOCK_M, BLOCK_D] unnormalised output; ``m_i``, ``l_i``: fp32 [BLOCK_M] running
+    row max (log2 domain) and row sum. Only the last block of a sequence needs the key mask.
+    """
+    cols = n0 + offs_n
+    # K is loaded transposed, [BLOCK_D, BLOCK_N], so that q @ k needs no in-register transpose.
+    k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+    if MASK_N:
+        mask_n = cols < seqlen
+        k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if MASK_N:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    # Every block holds at least one real key, so m_new is finite and exp2(-inf - m_new) = 0.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK_N:
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK_D", "GROUP", "SEQ_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _varlen_attention_kernel(
+    Q, K, V, O, cu_seqlens, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    SEQ_BUCKET,  # next power of two of max_seqlen: only an autotuning key (long and short batches differ)
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one head of one sequence against all of that sequence's keys."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    # int64 token offsets: tokens * (fused qkv row stride) overflows int32 on long packed batches.
+    start = tl.load(cu_seqlens + seq).to(tl.int64)
+    seqlen = (tl.load(cu_seqlens + seq + 1) - start).to(tl.int32)
+    if pid_m * BLOCK_M >= seqlen:
+        return  # grid covers max_seqlen; this sequence is shorter
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen
+    mask_d = offs_d < HEAD_DIM  # head dims such as 96 run in a power-of-two tile
+    kv_head = head // GROUP
+
+    q_ptrs = Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + start * stride_kt + kv_head * stride_kh
+    v_base = V + start * stride_vt + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, n0, seqlen, qk_scale,
+                                      stride_kt, stride_vt, offs_n, offs_d, mask_d, False, DOT_PRECISION)
+    if n_full < seqlen:
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, n_full, seqlen, qk_scale,
+                                      stride_kt, stride_vt, offs_n, offs_d, mask_d, True, DOT_PRECISION)
+
+    # Padded query rows saw real keys only, so l_i > 0 everywhere; they are masked at the store.
+    acc = acc / l_i[:, None]
+    o_ptrs = O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    out: torch.Tensor | None,
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q head_dim {q.shape[2]} differs from k/v head_dim {k.shape[2]}")
+    n_heads, n_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    if n_kv == 0 or n_heads % n_kv:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
+    if not 1 <= head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} unsupported; the kernel handles 1..{_MAX_HEAD_DIM}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [batch + 1], got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() - 1 > 65535:
+        raise ValueError(f"batch of {cu_seqlens.numel() - 1} sequences exceeds the grid limit of 65535")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    devices = {t.device for t in (q, k, v, cu_seqlens)} | ({out.device} if out is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"q, k, v, cu_seqlens{', out' if out is not None else ''} are on different devices: "
+                         f"{sorted(map(str, devices))}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"tensors on {q.device} need a GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype:
+            raise ValueError(f"out must match q: {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+        if out.numel() and out.stride(-1) != 1:
+            raise ValueError("out must be contiguous in its last (head_dim) dimension")
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Non-causal attention within each packed sequence; returns a tensor of q's shape and dtype.
+
+    ``q``: [T, H, D]; ``k``, ``v``: [T, KV, D] with ``H % KV == 0`` (grouped-query: query head h reads
+    kv head ``h // (H // KV)``); D in 1..256; float32, float16 or bfloat16 (softmax and accumulation
+    in float32). Only the last dimension must be contiguous: q/k/v may be views of a fused qkv
+    projection, whose token stride is (H + 2 * KV) * D. ``cu_seqlens``: int32 [batch + 1] on the same
+    device; ``max_seqlen`` must be at least the longest sequence (not checked, to avoid a device sync:
+    rows past it would be left unwritten). ``scale`` defaults to ``D ** -0.5``. ``out``: optional
+    [T, H, D] buffer of q's dtype (last dim contiguous) to write into; it is returned.
+    """
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, out)
+    total, n_heads, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if total == 0 or batch == 0 or max_seqlen == 0:
+        return out
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_heads, batch)
+
+    _varlen_attention_kernel[grid](
+        q, k, v, out, cu_seqlens, scale * math.log2(math.e),  # exp2 is cheaper than exp
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        triton.next_power_of_2(max_seqlen),
+        GROUP=n_heads // k.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
+        # float32 inputs get true float32 products (tf32 would cost ~1e-3 relative error).
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
