@@ -3,10 +3,22 @@
 ``hidden``: [total_tokens, hidden]; ``starts``, ``ends``: int [batch]; the pooled rows of sequence b
 are ``hidden[starts[b]:ends[b]]``. Modes: ``mean``, ``weighted_mean`` (weights 1..n over the n rows),
 ``first``, ``last``. Accumulates in float32 and returns float32 [batch, hidden].
+
+``segment_pool_reference`` is the plain-PyTorch path. The Triton launchers: ``segment_pool`` (same
+semantics) and ``rms_norm_segment_pool``, which applies the model's final RMSNorm (and the pending
+residual add) to the pooled rows only, inside the pooling kernel, so the normed [total_tokens, hidden]
+tensor is never written. One program per sequence holds a whole hidden row, so the L2 normalisation
+happens in the same kernel.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
+
+from kernels.norms import rms_norm_reference
 
 POOLING_MODES = ("mean", "weighted_mean", "first", "last")
 
@@ -46,3 +58,203 @@ def segment_pool_reference(
             rows.append(span[-1])
     out = torch.stack(rows) if rows else hidden.new_zeros((0, hidden.shape[1]), dtype=torch.float32)
     return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+
+def rms_norm_segment_pool_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    mode: str = "mean",
+    normalize: bool = False,
+    offset: float = 0.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``segment_pool_reference(rms_norm_reference(hidden, weight, eps, offset, residual)[0], ...)``."""
+    normed = rms_norm_reference(hidden, weight, eps, offset, residual)[0]
+    return segment_pool_reference(normed, starts, ends, mode, normalize)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------------
+
+_MODE_IDS = {mode: i for i, mode in enumerate(POOLING_MODES)}  # the kernel's MODE constexpr
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HIDDEN = 65536  # one program holds a whole row in registers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _segment_pool_kernel(
+    X, R, W, OUT, starts, ends, eps, n_cols, stride_xt, stride_rt, stride_ob,
+    MODE: tl.constexpr,  # index into POOLING_MODES
+    NORMALIZE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OFFSET: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One program pools sequence ``program_id(0)``: BLOCK_T rows of BLOCK_H (>= hidden) columns a step.
+
+    With HAS_NORM each row is first RMS-normalised, ``x * rsqrt(mean(x^2) + eps) * (OFFSET + w)``,
+    after adding ``R`` when HAS_RESIDUAL, exactly as the unfused final norm would produce it.
+    """
+    seq = tl.program_id(0)
+    start = tl.load(starts + seq).to(tl.int64)
+    end = tl.load(ends + seq).to(tl.int64)
+    if MODE == 2:  # first
+        end = start + 1
+    if MODE == 3:  # last
+        start = end - 1
+    n = (end - start).to(tl.int32)
+
+    cols = tl.arange(0, BLOCK_H)
+    mask_h = cols < n_cols
+    if HAS_NORM:
+        w = tl.load(W + cols, mask=mask_h, other=0.0).to(tl.float32) + OFFSET
+    acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    for t0 in range(0, n, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        mask = (rows < n)[:, None] & mask_h[None, :]
+        x = tl.load(X + (start + rows)[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(R + (start + rows)[:, None] * stride_rt + cols[None, :], mask=mask, other=0.0)
+            # The residual stream is summed in the activation dtype, as the model's add is.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        x = x.to(tl.float32)
+        if HAS_NORM:
+            rstd = tl.rsqrt(tl.sum(x * x, 1) / n_cols + eps)
+            # Rounded to the activation dtype, as the unfused norm's output is before pooling reads it.
+            x = (x * rstd[:, None] * w[None, :]).to(X.dtype.element_ty).to(tl.float32)
+        if MODE == 1:  # weighted_mean: row i of the span (0-based) has weight i + 1
+            x = x * (rows + 1).to(tl.float32)[:, None]
+        acc += x  # masked rows and columns are exactly 0
+    pooled = tl.sum(acc, 0)
+    nf = n.to(tl.float32)
+    if MODE == 0:
+        pooled = pooled / nf
+    if MODE == 1:
+        pooled = pooled / (nf * (nf + 1.0) * 0.5)
+    if NORMALIZE:
+        # torch.nn.functional.normalize: x / max(||x||, 1e-12)
+        pooled = pooled / tl.maximum(tl.sqrt(tl.sum(pooled * pooled, 0)), 1e-12)
+    tl.store(OUT + seq * stride_ob + cols, pooled, mask=mask_h)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _launch_settings(block_h: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps): about 16K elements in flight per step on a GPU."""
+    if _interpreting():
+        return 16, 4
+    block_t = max(1, min(64, 16384 // block_h))
+    num_warps = 32 if block_h >= 32768 else 16 if block_t * block_h >= 16384 else 8
+    return block_t, num_warps
+
+
+def _pool(
+    hidden: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    mode: str,
+    normalize: bool,
+    out: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    offset: float = 0.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [tokens, hidden], got shape {tuple(hidden.shape)}")
+    if hidden.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"hidden has dtype {hidden.dtype}; supported: float32, float16, bfloat16")
+    total, n_cols = hidden.shape
+    if not 1 <= n_cols <= _MAX_HIDDEN:
+        raise ValueError(f"hidden size {n_cols} unsupported; the kernel handles 1..{_MAX_HIDDEN}")
+    if hidden.stride(1) != 1:
+        raise ValueError("hidden must be contiguous in its last dimension")
+    for name, t in (("starts", starts), ("ends", ends)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    check_spans(starts, ends, total, mode)
+    tensors = {"hidden": hidden, "starts": starts, "ends": ends, "weight": weight, "residual": residual, "out": out}
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"tensors on different devices: {', '.join(f'{k}={v}' for k, v in devices.items())}")
+    if hidden.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"tensors on {hidden.device} need a GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    if weight is not None and weight.shape != (n_cols,):
+        raise ValueError(f"norm weight must be [{n_cols}], got {tuple(weight.shape)}")
+    if residual is not None:
+        if residual.shape != hidden.shape or residual.dtype != hidden.dtype:
+            raise ValueError(f"residual must match hidden: {tuple(hidden.shape)} {hidden.dtype}, "
+                             f"got {tuple(residual.shape)} {residual.dtype}")
+        if residual.stride(1) != 1:
+            raise ValueError("residual must be contiguous in its last dimension")
+    batch = starts.numel()
+    if out is None:
+        out = torch.empty((batch, n_cols), dtype=torch.float32, device=hidden.device)
+    elif out.shape != (batch, n_cols) or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"out must be float32 [{batch}, {n_cols}] contiguous in its last dimension, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if batch == 0:
+        return out
+
+    block_h = triton.next_power_of_2(n_cols)
+    block_t, num_warps = _launch_settings(block_h)
+    _segment_pool_kernel[(batch,)](
+        hidden, residual if residual is not None else hidden, weight if weight is not None else hidden,
+        out, starts.contiguous(), ends.contiguous(), float(eps), n_cols,
+        hidden.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        MODE=_MODE_IDS[mode], NORMALIZE=bool(normalize), HAS_NORM=weight is not None,
+        HAS_RESIDUAL=residual is not None, OFFSET=float(offset),
+        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return out
+
+
+def segment_pool(
+    hidden: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    mode: str = "mean",
+    normalize: bool = False,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pool ``hidden[starts[b]:ends[b]]`` for every b: float32 [batch, hidden], L2-normalised if asked.
+
+    ``hidden``: [T, hidden] float32/float16/bfloat16, last dim contiguous (row stride free).
+    ``starts``, ``ends``: int32/int64 [batch] on hidden's device. An unknown mode, an empty span or a
+    span outside [0, T) raises ValueError before launch (this check reads the spans: one device sync).
+    ``out``: optional float32 [batch, hidden] buffer to write into; it is returned.
+    """
+    return _pool(hidden, starts, ends, mode, normalize, out)
+
+
+def rms_norm_segment_pool(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    mode: str = "mean",
+    normalize: bool = False,
+    *,
+    offset: float = 0.0,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``segment_pool(rms_norm(hidden, weight, eps, offset, residual)[0], starts, ends, mode, normalize)``
+    in one kernel that reads only the pooled rows and never writes the normed hidden states.
+
+    ``weight``: [hidden] (any float dtype); ``residual``: optional [T, hidden] of hidden's dtype, last
+    dim contiguous, added to ``hidden`` first (the model's pending residual add). Other arguments as
+    in :func:`segment_pool`. Returns float32 [batch, hidden].
+    """
+    return _pool(hidden, starts, ends, mode, normalize, out, weight, eps, offset, residual)
