@@ -2,12 +2,19 @@
 
 ``q``: [tokens, n_heads, head_dim]; ``k``: [tokens, n_kv_heads, head_dim]; ``cos``, ``sin``:
 float32 [tokens, head_dim // 2], from each token's position inside its own sequence.
+
+``rotary_reference`` is the plain-PyTorch path (new tensors); ``rotary_`` the Triton kernel, which
+rotates q and k in place in one launch (one program per token does all of that token's q and k heads),
+so views into a fused qkv projection output are updated without a copy.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -45,3 +52,98 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------------
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _rotate_heads(base, n_heads, stride_h, half, c, s, offs, mask_half, BLOCK_HEADS: tl.constexpr):
+    """Rotate all heads of one token in place; ``c``, ``s``: fp32 [1, BLOCK_HALF]."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    mask = (heads < n_heads)[:, None] & mask_half[None, :]
+    p1 = base + heads[:, None] * stride_h + offs[None, :]  # first half of each head
+    p2 = p1 + half  # second half
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p2, mask=mask, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(p1, (x1f * c - x2f * s).to(x1.dtype), mask=mask)
+    tl.store(p2, (x2f * c + x1f * s).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    Q, K, COS, SIN, n_q_heads, n_kv_heads, half,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """One program per token: load its cos/sin row once, rotate its q heads, then its k heads."""
+    t = tl.program_id(0).to(tl.int64)  # token * fused-qkv row stride can overflow int32
+    offs = tl.arange(0, BLOCK_HALF)
+    mask_half = offs < half  # head dims such as 96 run in a power-of-two tile
+    c = tl.load(COS + t * stride_ct + offs, mask=mask_half, other=0.0)[None, :]
+    s = tl.load(SIN + t * stride_st + offs, mask=mask_half, other=0.0)[None, :]
+    _rotate_heads(Q + t * stride_qt, n_q_heads, stride_qh, half, c, s, offs, mask_half, BLOCK_HQ)
+    _rotate_heads(K + t * stride_kt, n_kv_heads, stride_kh, half, c, s, offs, mask_half, BLOCK_HK)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------------
+
+
+def rotary_(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] IN PLACE (same math as ``rotary_reference``); returns
+    ``(q, k)``, the same tensor objects.
+
+    q and k: same float dtype (float32/float16/bfloat16), last dim contiguous; token and head strides
+    are free, so views of a fused qkv buffer work. They must not overlap each other. ``cos``, ``sin``:
+    float32 [T, D // 2], last dim contiguous (from ``rotary_cos_sin``). D must be even.
+    """
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        if t.numel() and t.stride(2) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q ({q.dtype}) and k ({k.dtype}) dtypes differ")
+    n_tokens, head_dim = q.shape[0], q.shape[2]
+    if k.shape[0] != n_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on tokens or head_dim")
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
+    half = head_dim // 2
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (n_tokens, half) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 [{n_tokens}, {half}], got {t.dtype} {tuple(t.shape)}")
+        if t.numel() and t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    devices = {t.device for t in (q, k, cos, sin)}
+    if len(devices) != 1:
+        raise ValueError(f"q, k, cos, sin are on different devices: {sorted(map(str, devices))}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"tensors on {q.device} need a GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    if n_tokens == 0 or half == 0:
+        return q, k
+
+    block_hq = triton.next_power_of_2(q.shape[1])
+    block_half = triton.next_power_of_2(half)
+    _rotary_kernel[(n_tokens,)](
+        q, k, cos, sin, q.shape[1], k.shape[1], half,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=block_half,
+        num_warps=1 if _interpreting() else max(1, min(8, block_hq * block_half // 256)),
+    )
+    return q, k
