@@ -1,0 +1,126 @@
+"""Engine.encode against transformers + peft, the real thing, for every family.
+
+The reference runs the transformers model class with the peft adapter loaded unmerged, made
+bidirectional by an explicit 4-D padding mask, on right-padded batches; the test tokenises, finds the
+text tokens from the tokenizer's offsets and pools in float64 by itself.
+"""
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from converters.hf2engine import convert
+from converters.tiny_models import save_lora_adapter, save_tiny_checkpoint
+from engine import Engine
+
+INPUTS = [
+    "the quick brown fox jumps over the lazy dog",
+    ("Retrieve a passage that answers the question", "what is attention in a language model?"),
+    "river",
+    ("  Find relevant scientific claims  ", "kernel memory is fast"),
+    " ".join(["mountain city music history science"] * 12),  # longer than the max_length used below
+    ("Given a query, retrieve documents", " ".join(["bank loan interest rate"] * 10)),
+]
+FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "gemma": {"head_dim": 32},  # decoupled head_dim (4 heads x 32 != hidden 64), tied embeddings
+    "qwen2": {"tie_word_embeddings": False},
+    "llama31": {  # Llama-3.1 rope scaling, with a short original context so every band is exercised
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        "head_dim": 32,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+    },
+}
+MAX_LENGTH = 24
+POOLINGS = ["mean", "weighted_mean", "last_token", "bos_token"]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def converted(request, tmp_path_factory):
+    name = request.param
+    family = "llama" if name == "llama31" else name
+    root = tmp_path_factory.mktemp(name)
+    src = save_tiny_checkpoint(root / "hf", family, seed=len(name), **FAMILIES[name])
+    adapter = save_lora_adapter(src, root / "lora", seed=3)
+    out = convert(src, root / "engine", loras=[adapter], dtype="float32", quiet=True)
+    return src, adapter, out
+
+
+def reference_embeddings(src, adapter, inputs, pooling, max_length):
+    """float64 [batch, hidden] from transformers + peft (unmerged), pooled by this test."""
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    base = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    texts, text_starts = [], []
+    for item in inputs:
+        instruction, text = ("", item) if isinstance(item, str) else (item[0].strip(), item[1])
+        texts.append(f"{instruction} {text}" if instruction else text)
+        text_starts.append(len(instruction) + 1 if instruction else 0)
+    enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    width = max(lengths)
+    ids = torch.full((len(texts), width), tokenizer.pad_token_id)
+    for b, row in enumerate(enc["input_ids"]):
+        ids[b, : len(row)] = torch.tensor(row)
+    # Bidirectional: every query row sees every real key of its sequence, no padding key.
+    keep = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    mask = torch.zeros(len(texts), 1, width, width)
+    mask.masked_fill_(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+    rows = []
+    for b, (offsets, n) in enumerate(zip(enc["offset_mapping"], lengths)):
+        text_tokens = [j for j, (s, e) in enumerate(offsets) if e > s and e > text_starts[b]]
+        if pooling == "mean":
+            rows.append(hidden[b, text_tokens].mean(0))
+        elif pooling == "weighted_mean":
+            w = torch.arange(1, len(text_tokens) + 1, dtype=torch.float64)
+            rows.append((hidden[b, text_tokens] * w[:, None]).sum(0) / w.sum())
+        elif pooling == "last_token":
+            rows.append(hidden[b, n - 1])
+        else:
+            rows.append(hidden[b, 0])
+    return torch.stack(rows)
+
+
+def assert_rel_close(actual, expected, tol):
+    err = (actual.double() - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert err.max() <= tol, f"max relative error {err.max():.3e} > {tol:.0e}: {err.tolist()}"
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_encode_matches_transformers_and_peft(converted, pooling):
+    src, adapter, out = converted
+    engine = Engine.from_pretrained(out, dtype=torch.float32, pooling=pooling, max_length=MAX_LENGTH)
+    actual = engine.encode(INPUTS, batch_size=4)
+    expected = reference_embeddings(src, adapter, INPUTS, pooling, MAX_LENGTH)
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    assert_rel_close(actual, expected, 1e-4)
+
+
+def test_normalize_gives_unit_rows_in_the_same_direction(converted):
+    engine = Engine.from_pretrained(converted[2])
+    raw = engine.encode(INPUTS)
+    unit = engine.encode(INPUTS, normalize=True)
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(len(INPUTS)))
+    torch.testing.assert_close(unit, raw / raw.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_is_close_to_float32(converted):
+    """bfloat16 has an 8-bit mantissa; over two layers the embedding's direction must stay within
+    a cosine distance of 1e-2 of float32 (stated tolerance: relative error below 5e-2)."""
+    out = converted[2]
+    f32 = Engine.from_pretrained(out, dtype=torch.float32).encode(INPUTS)
+    bf16 = Engine.from_pretrained(out, dtype=torch.bfloat16).encode(INPUTS)
+    assert bf16.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(bf16, f32, dim=-1)
+    assert cos.min() > 0.99, cos.tolist()
+    assert_rel_close(bf16, f32.double(), 5e-2)
