@@ -1,29 +1,29 @@
 """Backends: the handful of operations the model delegates, so that one model definition runs both
-as the plain-PyTorch reference (ground truth, autograd, dropout) and on fused kernels.
+as the plain-PyTorch reference (ground truth, autograd, dropout) and on our fused Triton kernels.
 
 Every op works on packed tokens:
 - ``rms_norm(x, weight, eps, offset, residual) -> (normed, x + residual)``, x: [tokens, hidden]
 - ``rotary(q, k, cos, sin) -> (q, k)``, q: [tokens, heads, head_dim], cos/sin: [tokens, head_dim / 2]
+  (the Triton backend rotates in place)
 - ``attention(q, k, v, batch, dropout_p) -> [tokens, heads, head_dim]``
 - ``gated_activation(gate_up, activation) -> [tokens, intermediate]``
 - ``pool(hidden, starts, ends, mode, normalize) -> float32 [batch, hidden]``
+- ``norm_pool(x, residual, weight, eps, offset, starts, ends, mode, normalize) -> float32 [batch, hidden]``:
+  the final residual add, RMSNorm and pooling in one, reading only the pooled rows
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from kernels.activations import gated_activation_reference
-from kernels.attention import varlen_attention_reference
-from kernels.norms import rms_norm_reference
-from kernels.pooling import segment_pool_reference
-from kernels.rotary import rotary_reference
+from kernels import activations, attention, norms, pooling, rotary
 
 from .batch import PackedBatch
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "triton")
 
 
 @dataclass(frozen=True)
@@ -34,26 +34,66 @@ class Ops:
     attention: Callable[..., torch.Tensor]
     gated_activation: Callable[..., torch.Tensor]
     pool: Callable[..., torch.Tensor]
+    norm_pool: Callable[..., torch.Tensor]
 
 
 def _reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    return varlen_attention_reference(q, k, v, batch.cu_seqlens.cpu(), batch.max_seqlen, dropout_p=dropout_p)
+    return attention.varlen_attention_reference(q, k, v, batch.cu_seqlens.cpu(), batch.max_seqlen, dropout_p=dropout_p)
+
+
+def _reference_norm_pool(x, residual, weight, eps, offset, starts, ends, mode, normalize):
+    return pooling.rms_norm_segment_pool_reference(x, weight, eps, starts, ends, mode, normalize, offset, residual)
+
+
+def _triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0
+) -> torch.Tensor:
+    if dropout_p:
+        raise ValueError("the triton backend is for inference; attention dropout needs backend='reference'")
+    return attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen)
+
+
+def _triton_norm_pool(x, residual, weight, eps, offset, starts, ends, mode, normalize):
+    return pooling.rms_norm_segment_pool(x, weight, eps, starts, ends, mode, normalize, offset=offset, residual=residual)
 
 
 REFERENCE = Ops(
     name="reference",
-    rms_norm=rms_norm_reference,
-    rotary=rotary_reference,
+    rms_norm=norms.rms_norm_reference,
+    rotary=rotary.rotary_reference,
     attention=_reference_attention,
-    gated_activation=gated_activation_reference,
-    pool=segment_pool_reference,
+    gated_activation=activations.gated_activation_reference,
+    pool=pooling.segment_pool_reference,
+    norm_pool=_reference_norm_pool,
+)
+
+TRITON = Ops(
+    name="triton",
+    rms_norm=norms.rms_norm,
+    rotary=rotary.rotary_,
+    attention=_triton_attention,
+    gated_activation=activations.gated_activation,
+    pool=pooling.segment_pool,
+    norm_pool=_triton_norm_pool,
 )
 
 
-def get_ops(name: str) -> Ops:
-    """The ops of backend ``name``."""
+def default_backend(device: torch.device) -> str:
+    """``triton`` on CUDA, ``reference`` elsewhere."""
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def get_ops(name: str, device: torch.device) -> Ops:
+    """The ops of backend ``name`` for tensors on ``device``; a clear error where they cannot run."""
     if name == "reference":
         return REFERENCE
+    if name == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' on {device} needs a CUDA device, or TRITON_INTERPRET=1 set before "
+                "triton is imported (the slow CPU interpreter, for tests)"
+            )
+        return TRITON
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from .backends import BACKENDS, get_ops
+from .backends import default_backend, get_ops
 from .batch import pack
 from .format import DTYPES, ENCODE_POOLING, EngineConfig, FormatError, load_state_dict
 from .inputs import Example, parse_inputs, pooling_spans, tokenize
@@ -45,7 +45,8 @@ class Engine:
 
         ``dtype``: the compute dtype; by default float32 on CPU and bfloat16 on CUDA; ``None`` keeps the
         stored dtype. ``pooling`` and ``max_length`` override the defaults stored at conversion.
-        ``backend``: ``"reference"`` (plain PyTorch) or a fused backend where available.
+        ``backend``: ``"reference"`` (plain PyTorch) or ``"triton"`` (fused kernels); by default
+        ``triton`` on CUDA and ``reference`` elsewhere.
         """
         path = Path(path)
         config = EngineConfig.read(path)
@@ -57,9 +58,7 @@ class Engine:
         max_length = config.max_length if max_length is None else max_length
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length={max_length!r}: expected a positive integer")
-        backend = "reference" if backend is None else backend
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        ops = get_ops(default_backend(device) if backend is None else backend, device)
 
         # Build on the meta device (no allocation), then adopt the stored tensors as parameters.
         with torch.device("meta"):
@@ -71,7 +70,7 @@ class Engine:
             raise FormatError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {extra[:3]})")
         model.load_state_dict(state, assign=True)
         model.to(dtype=dtype).eval().requires_grad_(False)
-        model.ops = get_ops(backend)
+        model.ops = ops
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         if not tokenizer.is_fast:
             raise FormatError(f"{path}: the tokenizer must be a fast tokenizer (tokenizer.json) to give offsets")
@@ -109,9 +108,12 @@ class Engine:
         for chunk in tqdm(chunks, desc="encode", unit="batch", disable=not show_progress_bar):
             items = [tokenized[i] for i in chunk]
             batch = pack([t.input_ids for t in items], self.device)
-            hidden = self.model(batch)
+            x, residual = self.model.hidden_before_norm(batch)
             starts, ends, mode = pooling_spans(items, batch, self.pooling)
-            pooled = self.model.ops.pool(hidden, starts, ends, mode, normalize)
+            cfg, ops = self.config.model, self.model.ops
+            # The final residual add and norm are fused into pooling: only pooled rows are normed.
+            pooled = ops.norm_pool(x, residual, self.model.norm, cfg.rms_norm_eps, cfg.norm_weight_offset,
+                                   starts, ends, mode, normalize)
             out[torch.tensor(chunk)] = pooled.float().cpu()
         return out.numpy() if convert_to_numpy else out
 
