@@ -92,19 +92,22 @@ class Engine:
         batch_size: int = 64,
         show_progress_bar: bool = False,
         convert_to_numpy: bool = False,
+        max_batch_tokens: int = 16384,
     ) -> torch.Tensor | np.ndarray:
         """Embed ``inputs`` (strings or ``(instruction, text)`` pairs): float32 [len(inputs), hidden].
 
-        Inputs are sorted by token count (longest first) and encoded ``batch_size`` at a time as packed
-        batches; rows come back in input order, and no embedding depends on its batch neighbours.
+        Inputs are sorted by token count (longest first) and encoded as packed batches of at most
+        ``batch_size`` inputs and ``max_batch_tokens`` tokens (an input longer than the budget goes
+        alone), which bounds memory; rows come back in input order, and no embedding depends on its
+        batch neighbours.
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
         examples = parse_inputs(inputs)
         out = torch.empty((len(examples), self.hidden_size), dtype=torch.float32)
         tokenized = tokenize(self.tokenizer, examples, self.max_length, require_text=self.pooling in ("mean", "weighted_mean"))
-        order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i].input_ids))
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        chunks = plan_batches([len(t.input_ids) for t in tokenized], batch_size, max_batch_tokens)
         for chunk in tqdm(chunks, desc="encode", unit="batch", disable=not show_progress_bar):
             items = [tokenized[i] for i in chunk]
             batch = pack([t.input_ids for t in items], self.device)
@@ -120,6 +123,22 @@ class Engine:
     def tokenize(self, inputs: Sequence[Any]) -> list[Example]:
         """The validated examples of ``inputs`` (exposed for training and tests)."""
         return parse_inputs(inputs)
+
+
+def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Indices into ``lengths`` grouped into batches, longest inputs first, each batch holding at most
+    ``batch_size`` inputs and ``max_batch_tokens`` tokens (a single longer input forms its own batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    tokens = 0
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and tokens + lengths[i] <= max_batch_tokens:
+            batches[-1].append(i)
+            tokens += lengths[i]
+        else:
+            batches.append([i])
+            tokens = lengths[i]
+    return batches
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, stored: str, device: torch.device) -> torch.dtype:

@@ -94,3 +94,17 @@ def test_max_length_override_truncates(engine_dir):
     torch.testing.assert_close(same[0], same[1])
     full = Engine.from_pretrained(engine_dir).encode([long_text, long_text + " and a different ending"])
     assert not torch.allclose(full[0], full[1])
+
+
+def test_plan_batches_respects_both_bounds():
+    from engine.encoder import plan_batches
+
+    lengths = [5, 100, 7, 30, 30, 1, 64, 2]
+    batches = plan_batches(lengths, batch_size=3, max_batch_tokens=64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= 64
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)  # longest first
+    assert [lengths[i] for i in batches[0]] == [100]  # too long for the budget: alone
