@@ -1,0 +1,441 @@
+"""Convert a local Hugging Face checkpoint (+ PEFT LoRA adapters) into the engine format.
+
+    python -m converters.hf2engine SRC OUT [--lora ADAPTER_DIR]... [--dtype bfloat16|float16|float32]
+           [--pooling mean|weighted_mean|last_token|bos_token] [--max-length N] [--force] [--quiet]
+           [--keep-lm-head]
+
+Streaming: every input is validated from its safetensors header first (names, shapes, byte ranges,
+adapter fit), then each layer's tensors are read memory-mapped, fused (q/k/v, gate/up), merged with
+the adapters in float32, cast once to the output dtype, written as their own shard and freed; peak
+memory stays near one layer. The output is assembled in a temporary directory beside OUT and renamed
+into place only when complete; an existing OUT is replaced only with ``force`` and only then.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from engine.config import ConfigError, ModelConfig
+from engine.format import DTYPES, ENCODE_POOLING, ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, FormatError
+
+from .lora import LLM2VEC_CONFIG, Adapter, merge, pooling_defaults
+from .sources import Checkpoint, ConversionError, TensorInfo, file_hashes, read_json
+
+__all__ = ["ConversionError", "convert", "main"]
+
+PROG = "hf2engine"
+DEFAULT_POOLING = "mean"
+DEFAULT_MAX_LENGTH = 512
+_FLOAT_TAGS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# Buffers some older checkpoints carry; recomputed by the engine, safe to skip.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Engine tensor name (inside layers.N) -> the Hugging Face tensors fused into it, in row order.
+_LAYER_FUSIONS = {
+    "attn_norm": ("input_layernorm.weight",),
+    "mlp_norm": ("post_attention_layernorm.weight",),
+    "qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "o.weight": ("self_attn.o_proj.weight",),
+    "gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "down.weight": ("mlp.down_proj.weight",),
+}
+
+
+@dataclass
+class _Plan:
+    """The validated mapping from source tensors to engine shards."""
+
+    cfg: ModelConfig
+    prefix: str  # "model." for *ForCausalLM, "" for bare *Model
+    shapes: dict[str, tuple[int, ...]]  # every source tensor we read -> its expected shape
+    keep_lm_head: bool
+
+    def layer_sources(self, i: int) -> dict[str, list[str]]:
+        """Engine name -> source names for layer ``i``."""
+        out = {}
+        for engine_name, parts in _LAYER_FUSIONS.items():
+            if engine_name == "qkv.bias" and not self.cfg.qkv_bias:
+                continue
+            out[f"layers.{i}.{engine_name}"] = [f"{self.prefix}layers.{i}.{p}" for p in parts]
+        return out
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    loras: Sequence[str | os.PathLike] = (),
+    dtype: str | torch.dtype | None = None,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    keep_lm_head: bool = False,
+) -> Path:
+    """Convert the Hugging Face checkpoint directory ``src`` (merging ``loras`` in order) into ``out``.
+
+    ``dtype``: output dtype (default: the source's). ``pooling``/``max_length``: stored defaults
+    (default: an ``llm2vec_config.json`` of the last adapter that has one, else mean / 512).
+    Returns the resolved ``out``. Raises :class:`ConversionError` with a one-line message.
+    """
+    dtype_name = _dtype_name(dtype)
+    if pooling is not None and pooling not in ENCODE_POOLING:
+        raise ConversionError(f"pooling {pooling!r} is not one of {', '.join(ENCODE_POOLING)}")
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        raise ConversionError(f"max_length {max_length!r} is not a positive integer")
+
+    out_path = Path(out).expanduser().absolute()
+    _check_out(out_path, force)
+    ckpt = Checkpoint.open(src)
+    try:
+        cfg = ModelConfig.from_hf(ckpt.config)
+    except ConfigError as exc:
+        raise ConversionError(f"{ckpt.path / 'config.json'}: {exc}") from None
+    plan = _plan(ckpt, cfg, keep_lm_head)
+    adapters = [Adapter.open(p) for p in loras]
+    proj_shapes = {
+        "q_proj": (cfg.q_size, cfg.hidden_size),
+        "k_proj": (cfg.kv_size, cfg.hidden_size),
+        "v_proj": (cfg.kv_size, cfg.hidden_size),
+        "o_proj": (cfg.hidden_size, cfg.q_size),
+        "gate_proj": (cfg.intermediate_size, cfg.hidden_size),
+        "up_proj": (cfg.intermediate_size, cfg.hidden_size),
+        "down_proj": (cfg.hidden_size, cfg.intermediate_size),
+    }
+    for adapter in adapters:
+        adapter.check_against(cfg.num_layers, proj_shapes)
+    for path in [ckpt.path, *(a.path for a in adapters)]:
+        if out_path == path or out_path in path.parents:
+            raise ConversionError(f"{out_path}: OUT would replace the input {path}")
+    if dtype_name is None:
+        dtype_name = _source_dtype(ckpt, plan)
+    defaults = _pooling_defaults(ckpt, adapters)
+    pooling = pooling if pooling is not None else defaults.get("pooling", DEFAULT_POOLING)
+    max_length = max_length if max_length is not None else defaults.get("max_length", DEFAULT_MAX_LENGTH)
+
+    created = _make_parents(out_path.parent)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+        sources = {
+            "checkpoint": {"path": str(ckpt.path), "files": file_hashes(ckpt.input_files(), ckpt.path)},
+            "adapters": [a.source_record() for a in adapters],
+        }
+        has_lm_head = _write_weights(tmp, ckpt, plan, adapters, DTYPES[dtype_name], quiet)
+        for file in ckpt.tokenizer_files:
+            shutil.copyfile(file, tmp / file.name)
+        engine_config = EngineConfig(
+            model=cfg,
+            dtype=dtype_name,
+            pooling=pooling,
+            max_length=max_length,
+            has_lm_head=has_lm_head,
+            sources=sources,
+        )
+        (tmp / ENGINE_CONFIG).write_text(engine_config.to_json())
+        _install(tmp, out_path, force)
+        tmp = None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return out_path
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    if dtype is None:
+        return None
+    for name, value in DTYPES.items():
+        if dtype == name or dtype == value:
+            return name
+    raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ConversionError(f"{out}: already exists; pass --force to replace it")
+        if out.is_symlink() or not out.is_dir():
+            raise ConversionError(f"{out}: exists and is not a directory; remove it yourself")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConversionError(f"{parent}: not a directory")
+            break
+
+
+def _plan(ckpt: Checkpoint, cfg: ModelConfig, keep_lm_head: bool) -> _Plan:
+    """Check every tensor the config calls for is present with its shape, and nothing unexpected is."""
+    where = ckpt.path
+    if "model.embed_tokens.weight" in ckpt.tensors:
+        prefix = "model."
+    elif "embed_tokens.weight" in ckpt.tensors:
+        prefix = ""
+    else:
+        raise ConversionError(f"{where}: missing tensor 'model.embed_tokens.weight' (or 'embed_tokens.weight')")
+    H, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {f"{prefix}embed_tokens.weight": (V, H), f"{prefix}norm.weight": (H,)}
+    per_layer = {
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "self_attn.q_proj.weight": (cfg.q_size, H),
+        "self_attn.k_proj.weight": (cfg.kv_size, H),
+        "self_attn.v_proj.weight": (cfg.kv_size, H),
+        "self_attn.o_proj.weight": (H, cfg.q_size),
+        "mlp.gate_proj.weight": (I, H),
+        "mlp.up_proj.weight": (I, H),
+        "mlp.down_proj.weight": (H, I),
+    }
+    if cfg.qkv_bias:
+        per_layer |= {
+            "self_attn.q_proj.bias": (cfg.q_size,),
+            "self_attn.k_proj.bias": (cfg.kv_size,),
+            "self_attn.v_proj.bias": (cfg.kv_size,),
+        }
+    for i in range(cfg.num_layers):
+        shapes |= {f"{prefix}layers.{i}.{name}": shape for name, shape in per_layer.items()}
+    keep = keep_lm_head and not cfg.tie_word_embeddings
+    if keep:
+        if "lm_head.weight" not in ckpt.tensors:
+            raise ConversionError(
+                f"{where}: --keep-lm-head: missing tensor 'lm_head.weight' (a bare *Model checkpoint has no LM head)"
+            )
+        shapes["lm_head.weight"] = (V, H)
+    for name, shape in shapes.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            raise ConversionError(f"{where}: missing tensor {name!r}")
+        if info.shape != shape:
+            raise ConversionError(
+                f"{info.file}: shape mismatch for {name!r}: {list(info.shape)} in the checkpoint, "
+                f"{list(shape)} from config.json"
+            )
+        if info.dtype not in _FLOAT_TAGS and info.dtype != "F64":
+            raise ConversionError(f"{info.file}: tensor {name!r} has non-float dtype {info.dtype}")
+    layer_prefix = f"{prefix}layers."
+    for name in sorted(ckpt.tensors):
+        if name in shapes or name == "lm_head.weight" or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name.startswith(layer_prefix):
+            layer = name[len(layer_prefix) :].split(".", 1)[0]
+            if layer.isdigit() and int(layer) >= cfg.num_layers:
+                raise ConversionError(
+                    f"{ckpt.tensors[name].file}: unexpected tensor {name!r}: config.json has "
+                    f"num_hidden_layers={cfg.num_layers}"
+                )
+            raise ConversionError(
+                f"{ckpt.tensors[name].file}: unexpected layer tensor {name!r}; this engine's layers have no such "
+                "parameter"
+            )
+        raise ConversionError(f"{ckpt.tensors[name].file}: unexpected tensor {name!r}")
+    return _Plan(cfg, prefix, shapes, keep)
+
+
+def _source_dtype(ckpt: Checkpoint, plan: _Plan) -> str:
+    for key in ("dtype", "torch_dtype"):
+        name = ckpt.config.get(key)
+        if isinstance(name, str) and name in DTYPES:
+            return name
+    tag = ckpt.tensors[f"{plan.prefix}embed_tokens.weight"].dtype
+    if tag not in _FLOAT_TAGS:
+        raise ConversionError(f"{ckpt.path}: weights are {tag}; choose an output dtype with --dtype")
+    return _FLOAT_TAGS[tag]
+
+
+def _pooling_defaults(ckpt: Checkpoint, adapters: list[Adapter]) -> dict[str, Any]:
+    """LLM2Vec pooling defaults: the source's llm2vec_config.json, overridden by each adapter's in order."""
+    out: dict[str, Any] = {}
+    own = ckpt.path / LLM2VEC_CONFIG
+    if own.is_file():
+        data = read_json(own)
+        if not isinstance(data, dict):
+            raise ConversionError(f"{own}: not a JSON object")
+        out |= pooling_defaults(data, own)
+    for adapter in adapters:
+        if adapter.llm2vec is not None:
+            out |= pooling_defaults(adapter.llm2vec, adapter.path / LLM2VEC_CONFIG)
+    return out
+
+
+def _read(infos: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """Read ``infos`` (name -> location), one shard handle at a time, closed before returning so that
+    no mapping keeps earlier layers' pages resident."""
+    by_file: dict[Path, list[str]] = {}
+    for name, info in infos.items():
+        by_file.setdefault(info.file, []).append(name)
+    out = {}
+    for file, names in sorted(by_file.items()):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        except Exception as exc:  # SafetensorError, OSError: a file damaged since its header was read
+            raise ConversionError(f"{file}: truncated or corrupt ({exc})") from None
+    return out
+
+
+def _write_weights(
+    tmp: Path, ckpt: Checkpoint, plan: _Plan, adapters: list[Adapter], dtype: torch.dtype, quiet: bool
+) -> bool:
+    """Write ``weights-NNNNN.safetensors`` (embeddings, one per layer, final norm + lm_head) and the index."""
+    cfg, p = plan.cfg, plan.prefix
+    n_shards = cfg.num_layers + 2
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def write(k: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        file = f"weights-{k:05d}.safetensors"
+        tensors = {name: t.contiguous() for name, t in tensors.items()}
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        for name, t in tensors.items():
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+
+    bar = tqdm(total=n_shards, desc=PROG, unit="shard", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    try:
+        src = _read({f"{p}embed_tokens.weight": ckpt.tensors[f"{p}embed_tokens.weight"]})
+        write(1, {"embed.weight": src.pop(f"{p}embed_tokens.weight").to(dtype)})
+        bar.update()
+        for i in range(cfg.num_layers):
+            fusions = plan.layer_sources(i)
+            src = _read({name: ckpt.tensors[name] for parts in fusions.values() for name in parts})
+            deltas: dict[str, list] = {}
+            for adapter in adapters:
+                for proj, delta in adapter.load_layer(i).items():
+                    deltas.setdefault(proj, []).append(delta)
+            tensors = {}
+            for engine_name, parts in fusions.items():
+                pieces = []
+                for name in parts:
+                    t = src.pop(name)
+                    proj = name.rsplit(".", 2)[-2]
+                    if name.endswith(".weight") and proj in deltas:
+                        t = merge(t, deltas.pop(proj))  # float32; cast once below
+                    pieces.append(t.to(dtype))
+                    del t
+                tensors[engine_name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+                del pieces
+            del deltas, src
+            write(i + 2, tensors)
+            del tensors
+            bar.update()
+        last = {f"{p}norm.weight": ckpt.tensors[f"{p}norm.weight"]}
+        if plan.keep_lm_head:
+            last["lm_head.weight"] = ckpt.tensors["lm_head.weight"]
+        src = _read(last)
+        tensors = {"norm": src.pop(f"{p}norm.weight").to(dtype)}
+        if plan.keep_lm_head:
+            tensors["lm_head.weight"] = src.pop("lm_head.weight").to(dtype)
+        write(n_shards, tensors)
+        bar.update()
+    finally:
+        bar.close()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return plan.keep_lm_head
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create ``parent`` and missing ancestors; the ones created, outermost first (removed on failure)."""
+    missing = []
+    for d in [parent, *parent.parents]:
+        if d.exists():
+            break
+        missing.append(d)
+    missing.reverse()
+    for d in missing:
+        d.mkdir()
+    return missing
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` (``force``) is moved aside first and
+    deleted only once the new one is in place."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    if not force:  # appeared while we were converting
+        raise ConversionError(f"{out}: already exists; pass --force to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a local Hugging Face checkpoint (+ PEFT LoRA adapters, merged in order) into the "
+        "engine format.",
+    )
+    parser.add_argument("src", metavar="SRC", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("out", metavar="OUT", help="engine directory to write")
+    parser.add_argument("--lora", metavar="ADAPTER_DIR", action="append", default=[], help="PEFT LoRA adapter to merge (repeatable; merged in the order given)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the source's)")
+    parser.add_argument("--pooling", choices=ENCODE_POOLING, help="default pooling (default: llm2vec_config.json, else mean)")
+    parser.add_argument("--max-length", type=int, metavar="N", help="default max tokens (default: llm2vec_config.json, else 512)")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is complete)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--keep-lm-head", action="store_true", help="also store a separate lm_head (for MNTP training)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage / help
+        return int(exc.code or 0)
+    try:
+        out = convert(
+            args.src,
+            args.out,
+            loras=args.lora,
+            dtype=args.dtype,
+            pooling=args.pooling,
+            max_length=args.max_length,
+            force=args.force,
+            quiet=args.quiet,
+            keep_lm_head=args.keep_lm_head,
+        )
+    except (ConversionError, ConfigError, FormatError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(f"{PROG}: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
