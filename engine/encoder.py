@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from .backends import default_backend, get_ops
 from .batch import pack
 from .format import DTYPES, ENCODE_POOLING, EngineConfig, FormatError, load_state_dict
-from .inputs import Example, parse_inputs, pooling_spans, tokenize
+from .inputs import parse_inputs, pooling_spans, tokenize
 from .model import EncoderModel
 
 _AUTO = "auto"
@@ -119,10 +119,6 @@ class Engine:
                                    starts, ends, mode, normalize)
             out[torch.tensor(chunk)] = pooled.float().cpu()
         return out.numpy() if convert_to_numpy else out
-
-    def tokenize(self, inputs: Sequence[Any]) -> list[Example]:
-        """The validated examples of ``inputs`` (exposed for training and tests)."""
-        return parse_inputs(inputs)
 
 
 def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
