@@ -65,6 +65,7 @@ def _interpreting() -> bool:
 
 
 def _configs() -> list[triton.Config]:
+    """Autotuning space, fixed at import, as triton fixes interpreter mode when it is imported."""
     if _interpreting():
         # The interpreter runs every program in numpy: one small tile (16 is tl.dot's minimum) and
         # no tuning, since benchmarking configs there only costs time.

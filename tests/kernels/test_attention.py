@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import CUDA, DEVICE, assert_close, bf16_dot_needs_cuda, cu_seqlens_of, needs_cuda, poisoned
+from _compare import DEVICE, assert_close, bf16_dot_needs_cuda, cu_seqlens_of, needs_cuda, poisoned
 
 from kernels.attention import varlen_attention, varlen_attention_reference
 
