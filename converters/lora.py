@@ -113,7 +113,7 @@ class Adapter:
             out_f, in_f = expected_shapes[proj]
             if m.a.shape[1] != in_f or m.b.shape[0] != out_f:
                 raise ConversionError(
-                    f"{self.path}: adapter made for another model: {m.a_key[: -len('lora_A.weight')]}"
+                    f"{self.path}: adapter made for another model: {m.a_key.split('.lora_A')[0]}"
                     f" lora_A {list(m.a.shape)} / lora_B {list(m.b.shape)} do not fit a [{out_f}, {in_f}] weight"
                 )
 
