@@ -1,0 +1,181 @@
+"""The benchmark model and the three systems compared on it, plus the FLOP count.
+
+One random Mistral-family checkpoint is saved with ``converters.tiny_models.save_tiny_checkpoint`` and
+converted with ``converters.hf2engine.convert``; every system loads its weights from those two
+directories, so all of them run the same shapes and the same weights:
+
+- ``engine_triton``: ``Engine(backend="triton")``, the fast path (CUDA only);
+- ``engine_reference``: ``Engine(backend="reference")``, the plain-PyTorch path;
+- ``transformers``: ``AutoModel`` with SDPA attention, run the way LLM2Vec runs it (see
+  :class:`TransformersEncoder`).
+
+FLOPs (:func:`encode_flops`) count useful work only, on the real tokens of each input: per token,
+``2 * P`` for the matrix products (``P`` = the non-embedding matrix parameters, per layer
+``hidden * (q + 2 kv) + q * hidden + 3 * hidden * intermediate``) plus, per layer,
+``4 * L * heads * head_dim`` for attention (``Q K^T`` and ``P V``, each ``2 * L * head_dim`` per head,
+over all ``L`` keys of the token's own sequence: attention is bidirectional). Padding that a system
+computes is not counted, so padding waste shows up as lower utilisation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+MISTRAL_7B = dict(hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336, vocab_size=32000)
+# A small model with Mistral's proportions (GQA 4:1, MLP 3.5x) for the CPU suite.
+CPU_SMALL = dict(hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, vocab_size=32000)
+FULL_LAYERS = 32  # Mistral-7B's depth, for the per-layer scaling
+PEAK_TFLOPS = float(os.environ.get("BENCH_PEAK_TFLOPS", "800"))  # measured bf16 matmul ceiling of the lent H100
+BATCH_SIZE = 32  # LLM2Vec's default encode batch size; the engine gets the same number of inputs per batch
+SYSTEMS = ("engine_triton", "engine_reference", "transformers")
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """What the session benchmarks: device, dtype, model shape, layer count, corpus lengths, rounds."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shape_name: str
+    shape: dict
+    layers: int
+    long_len: int
+    rounds: int
+    warmup_rounds: int
+
+    @classmethod
+    def from_env(cls) -> "BenchSetup":
+        """``BENCH_DEVICE`` (default ``cuda`` when available, else ``cpu``), ``BENCH_LAYERS`` (default 4 on
+        CUDA, 2 on CPU), ``BENCH_LONG_LEN`` (default 512 on CUDA, 128 on CPU), ``BENCH_ROUNDS``."""
+        device = torch.device(os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cuda = device.type == "cuda"
+        return cls(
+            device=device,
+            dtype=torch.bfloat16 if cuda else torch.float32,
+            shape_name="Mistral-7B shape" if cuda else "small Mistral shape",
+            shape=MISTRAL_7B if cuda else CPU_SMALL,
+            layers=int(os.environ.get("BENCH_LAYERS", "4" if cuda else "2")),
+            long_len=int(os.environ.get("BENCH_LONG_LEN", "512" if cuda else "128")),
+            rounds=int(os.environ.get("BENCH_ROUNDS", "5" if cuda else "3")),
+            warmup_rounds=2 if cuda else 1,
+        )
+
+    def describe(self) -> str:
+        s = self.shape
+        return (
+            f"{self.shape_name}: hidden {s['hidden_size']}, {s['num_heads']} heads, {s['num_kv_heads']} kv heads, "
+            f"head_dim {s['head_dim']}, intermediate {s['intermediate_size']}, vocab {s['vocab_size']}, "
+            f"{self.layers} layers, {str(self.dtype).removeprefix('torch.')}, random weights, on {self.device}"
+        )
+
+    def matmul_params_per_layer(self) -> int:
+        s = self.shape
+        q, kv = s["num_heads"] * s["head_dim"], s["num_kv_heads"] * s["head_dim"]
+        return s["hidden_size"] * (q + 2 * kv) + q * s["hidden_size"] + 3 * s["hidden_size"] * s["intermediate_size"]
+
+    def encode_flops(self, lengths: Sequence[int], layers: int | None = None) -> float:
+        """Useful FLOPs to encode sequences of these token counts (see the module docstring)."""
+        layers = self.layers if layers is None else layers
+        s = self.shape
+        per_layer_matmul = 2 * self.matmul_params_per_layer()
+        attn = 4 * s["num_heads"] * s["head_dim"]
+        return float(layers * sum(n * per_layer_matmul + attn * n * n for n in lengths))
+
+
+def build_checkpoints(setup: BenchSetup, root: Path) -> tuple[Path, Path]:
+    """Save the random Hugging Face checkpoint and convert it: ``(hf_dir, engine_dir)``.
+
+    With ``BENCH_CACHE_DIR`` set, the directories are kept there (keyed by shape, layers and dtype) and
+    reused by later sessions.
+    """
+    from converters.hf2engine import convert
+    from converters.tiny_models import save_tiny_checkpoint
+
+    cache = os.environ.get("BENCH_CACHE_DIR")
+    if cache:
+        s = setup.shape
+        key = f"mistral-h{s['hidden_size']}-i{s['intermediate_size']}-l{setup.layers}-{str(setup.dtype).removeprefix('torch.')}"
+        root = Path(cache) / key
+    hf_dir, engine_dir = root / "hf", root / "engine"
+    if not (hf_dir / "config.json").is_file():
+        save_tiny_checkpoint(
+            hf_dir,
+            "mistral",
+            num_layers=setup.layers,
+            max_shard_size="2GB",
+            bare_model=True,
+            dtype=setup.dtype,
+            **setup.shape,
+        )
+    if not (engine_dir / "engine_config.json").is_file():
+        convert(hf_dir, engine_dir, dtype=str(setup.dtype).removeprefix("torch."), quiet=True, force=True)
+    return hf_dir, engine_dir
+
+
+def load_engine(engine_dir: Path, setup: BenchSetup, backend: str):
+    from engine import Engine
+
+    return Engine.from_pretrained(engine_dir, device=setup.device, dtype=setup.dtype, backend=backend)
+
+
+def bidirectional_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] 0/1 padding mask -> additive [B, 1, L, L]: 0 for real keys, ``finfo.min`` for padding keys.
+
+    Every query row (padding rows included) sees all real keys of its sequence, so no row is empty.
+    """
+    b, n = attention_mask.shape
+    mask = torch.zeros(b, 1, n, n, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill_(attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+
+
+class TransformersEncoder:
+    """transformers run the way LLM2Vec encodes: inputs sorted by length, longest first (LLM2Vec sorts by
+    character count, as sentence-transformers does), batches of 32, left padding, an explicit 4-D
+    bidirectional mask (a 2-D mask would make the model causal), mean pooling over the attention
+    mask. Like LLM2Vec it passes no position ids, so left-padded rows start at a later position;
+    rotary attention depends only on position differences, so the result is the same.
+    """
+
+    def __init__(self, hf_dir: Path, setup: BenchSetup, max_length: int = 512) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.device, self.dtype, self.max_length = setup.device, setup.dtype, max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        self.tokenizer.padding_side = "left"
+        self.model = (
+            AutoModel.from_pretrained(str(hf_dir), dtype=setup.dtype, attn_implementation="sdpa")
+            .to(setup.device)
+            .eval()
+            .requires_grad_(False)
+        )
+        self.hidden_size = self.model.config.hidden_size
+        self.padded_tokens = 0  # tokens computed by the last encode call, padding included
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = BATCH_SIZE, skip_bos: bool = False) -> torch.Tensor:
+        """float32 [len(texts), hidden] in input order. ``skip_bos`` leaves each input's first token out
+        of the mean (the engine's pooling of a plain text; used only by the agreement check)."""
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), self.hidden_size, dtype=torch.float32)
+        self.padded_tokens = 0
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            keep = enc["attention_mask"]
+            self.padded_tokens += keep.numel()
+            hidden = self.model(input_ids=enc["input_ids"], attention_mask=bidirectional_mask(keep, self.dtype)).last_hidden_state
+            if skip_bos:
+                # Left padding: the first real token sits right after the padding.
+                first = keep.shape[1] - keep.sum(1)
+                keep = keep.clone()
+                keep[torch.arange(keep.shape[0], device=keep.device), first] = 0
+            weights = keep.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1)
+            out[torch.tensor(chunk)] = pooled.float().cpu()
+        return out
