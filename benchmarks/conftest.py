@@ -107,6 +107,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                     row += f"{r['tokens_per_s'] / hf['tokens_per_s']:>13.2f}x" if r else f"{'-':>14}"
         tr.write_line(row)
     for key, title in (
+        ("tokens_per_s_best_round", "tokens/s over the fastest round (less exposed to other load on the machine)"),
         ("layer_tokens_per_s", f"per layer: tokens/s x {setup.layers} (one layer's throughput)"),
         ("tokens_per_s_32_layers", f"scaled to {FULL_LAYERS} layers: tokens/s x {setup.layers}/{FULL_LAYERS} "
                                    "(conservative: per-call costs outside the layers are scaled too)"),

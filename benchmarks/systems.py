@@ -60,7 +60,7 @@ class BenchSetup:
             shape=MISTRAL_7B if cuda else CPU_SMALL,
             layers=int(os.environ.get("BENCH_LAYERS", "4" if cuda else "2")),
             long_len=int(os.environ.get("BENCH_LONG_LEN", "512" if cuda else "128")),
-            rounds=int(os.environ.get("BENCH_ROUNDS", "5" if cuda else "3")),
+            rounds=int(os.environ.get("BENCH_ROUNDS", "5")),
             warmup_rounds=2 if cuda else 1,
         )
 
