@@ -48,7 +48,8 @@ def mntp_loss(model: EncoderModel, batch: PackedBatch, labels: torch.Tensor, voc
     rows, targets = mntp_targets(labels, batch)
     if rows.numel() == 0:
         return hidden.sum() * 0.0  # nothing selected: a zero that still has a graph
-    logits = model.logits(hidden[rows]).float()
+    logits = model.logits(hidden[rows])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32; float64 stays
     if vocab_size is not None:
         logits = logits[:, :vocab_size]
     return F.cross_entropy(logits, targets)
@@ -64,8 +65,9 @@ def embed(model: EncoderModel, items: Sequence[TokenizedExample], pooling: str =
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[len(a), len(b)] cosine similarities, in float32."""
-    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+    """[len(a), len(b)] cosine similarities, in float32 (float64 stays float64)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return F.normalize(a.to(dtype), dim=-1) @ F.normalize(b.to(dtype), dim=-1).T
 
 
 def simcse_loss(view1: torch.Tensor, view2: torch.Tensor, scale: float = 20.0, gather: Gather = _identity) -> torch.Tensor:
