@@ -42,7 +42,7 @@ from .data import (
     text_examples,
     example_seed,
 )
-from .lora import PREFIXES, apply_lora, load_adapter_weights, save_adapter
+from .lora import apply_lora, load_adapter_weights, save_adapter
 from .objectives import embed, mntp_loss, simcse_loss, supervised_loss
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -15,7 +15,7 @@ from engine import Engine
 from engine.train import make_config, train
 from engine.train.cli import main
 
-from .conftest import INSTRUCTION, TINY, eval_losses, peft_model, reference_embeddings
+from .conftest import INSTRUCTION, TINY, eval_losses, reference_embeddings
 
 FAST = dict(batch_size=8, max_seq_length=32, lora_r=8, quiet=True)
 INPUTS = [
@@ -166,6 +166,23 @@ def test_tied_qwen2_with_blank_mask_and_a_bare_layout(corpus, tmp_path):
     check = model.load_adapter(str(bare), adapter_name="check")
     assert not check.missing_keys and not check.unexpected_keys
     convert(src, tmp_path / "e2", loras=[mntp, bare], dtype="float32", quiet=True)  # the converter takes it too
+
+
+def test_cli_with_a_config_file_and_a_new_mask_token(llama, corpus, tmp_path, capsys):
+    """The command line with --config (flags override it); mask_token "mask" adds a training-only row
+    that never reaches the adapter; all_mask as in LLM2Vec's Mistral config."""
+    config = tmp_path / "mntp.json"
+    config.write_text(json.dumps({"model": str(llama), "data": str(corpus["mntp"]), "mask_token": "mask",
+                                  "all_mask": True, "mlm_probability": 0.8, "steps": 50, "batch_size": 4,
+                                  "max_seq_length": 16, "lora_r": 2, "lora_targets": ["q_proj", "v_proj"]}))
+    out = tmp_path / "out"
+    code, err = _run(capsys, "mntp", "--config", str(config), "--steps", "2", "--out", str(out), "--quiet")
+    assert code == 0, err
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 2
+    keys = load_file(str(out / "adapter_model.safetensors"))
+    assert {k.split(".")[-3] for k in keys} == {"q_proj", "v_proj"} and len(keys) == 2 * 2 * TINY["num_layers"]
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] in (["q_proj", "v_proj"], ["v_proj", "q_proj"])
+    convert(llama, tmp_path / "engine", loras=[out], quiet=True)
 
 
 # ---------------------------------------------------------------------------------------------------
