@@ -28,28 +28,38 @@ def varlen_attention_reference(
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Plain-PyTorch attention, one sequence at a time (supports autograd and dropout).
+    """Plain-PyTorch attention over packed sequences (supports autograd and dropout).
 
-    Returns a tensor of q's shape and dtype. ``max_seqlen`` is accepted for signature parity with the
-    kernel and unused. Dropout applies to the attention probabilities, as in training.
+    Sequences of equal length are gathered into one batched ``scaled_dot_product_attention`` call,
+    so nothing is padded and nothing is masked: the result is what attending to each sequence on its
+    own gives. Returns a tensor of q's shape and dtype. ``max_seqlen`` is accepted for signature
+    parity with the kernel and unused. Dropout applies to the attention probabilities, as in training.
     """
     del max_seqlen
-    n_heads, n_kv = q.shape[1], k.shape[1]
+    total, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
     if n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = head_dim ** -0.5 if scale is None else scale
     bounds = cu_seqlens.tolist()
-    outs = []
+    starts_by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
-        # [1, heads, len, head_dim] per sequence; kv heads repeated for grouped-query attention.
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)
-        ks = k[start:end].transpose(0, 1).repeat_interleave(n_heads // n_kv, dim=0).unsqueeze(0)
-        vs = v[start:end].transpose(0, 1).repeat_interleave(n_heads // n_kv, dim=0).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, scale=scale)
-        outs.append(o.squeeze(0).transpose(0, 1))
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    outs, rows = [], []
+    for length, starts in starts_by_length.items():
+        # rows of the group's tokens: [seqs, length]
+        index = (torch.tensor(starts)[:, None] + torch.arange(length)).to(q.device)
+        # [seqs, length, heads, head_dim] -> [seqs, heads, length, head_dim]
+        qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, dropout_p=dropout_p, scale=scale, enable_gqa=n_heads != n_kv
+        )
+        outs.append(o.transpose(1, 2).reshape(-1, n_heads, head_dim))
+        rows.append(index.flatten())
     if not outs:
         return q.new_empty(q.shape)
-    return torch.cat(outs, dim=0)
+    return q.new_zeros(q.shape).index_copy(0, torch.cat(rows), torch.cat(outs))
 
 
 # ---------------------------------------------------------------------------------------------------
