@@ -9,6 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from _hf_reference import POOLINGS, hf_embeddings
+
 from converters.hf2engine import convert
 from converters.tiny_models import save_lora_adapter, save_tiny_checkpoint
 from engine import Engine
@@ -40,7 +42,6 @@ FAMILIES = {
     },
 }
 MAX_LENGTH = 24
-POOLINGS = ["mean", "weighted_mean", "last_token", "bos_token"]
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -55,40 +56,11 @@ def converted(request, tmp_path_factory):
 
 
 def reference_embeddings(src, adapter, inputs, pooling, max_length):
-    """float64 [batch, hidden] from transformers + peft (unmerged), pooled by this test."""
+    """float64 [batch, hidden] from transformers + peft (adapter unmerged)."""
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     base = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    texts, text_starts = [], []
-    for item in inputs:
-        instruction, text = ("", item) if isinstance(item, str) else (item[0].strip(), item[1])
-        texts.append(f"{instruction} {text}" if instruction else text)
-        text_starts.append(len(instruction) + 1 if instruction else 0)
-    enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
-    lengths = [len(ids) for ids in enc["input_ids"]]
-    width = max(lengths)
-    ids = torch.full((len(texts), width), tokenizer.pad_token_id)
-    for b, row in enumerate(enc["input_ids"]):
-        ids[b, : len(row)] = torch.tensor(row)
-    # Bidirectional: every query row sees every real key of its sequence, no padding key.
-    keep = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-    mask = torch.zeros(len(texts), 1, width, width)
-    mask.masked_fill_(~keep[:, None, None, :], torch.finfo(torch.float32).min)
-    with torch.no_grad():
-        hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
-    rows = []
-    for b, (offsets, n) in enumerate(zip(enc["offset_mapping"], lengths)):
-        text_tokens = [j for j, (s, e) in enumerate(offsets) if e > s and e > text_starts[b]]
-        if pooling == "mean":
-            rows.append(hidden[b, text_tokens].mean(0))
-        elif pooling == "weighted_mean":
-            w = torch.arange(1, len(text_tokens) + 1, dtype=torch.float64)
-            rows.append((hidden[b, text_tokens] * w[:, None]).sum(0) / w.sum())
-        elif pooling == "last_token":
-            rows.append(hidden[b, n - 1])
-        else:
-            rows.append(hidden[b, 0])
-    return torch.stack(rows)
+    return hf_embeddings(model.get_base_model().model, tokenizer, inputs, pooling, max_length)
 
 
 def assert_rel_close(actual, expected, tol):

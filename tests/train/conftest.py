@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _hf_reference import hf_embeddings
+
 from converters.tiny_models import _WORDS, sample_sentences, save_tiny_checkpoint
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -93,30 +95,9 @@ def peft_model(src: Path, adapters: list[Path]):
 
 
 def reference_embeddings(src: Path, adapters: list[Path], inputs: list, max_length: int) -> torch.Tensor:
-    """float64 mean-pooled embeddings from transformers + peft, bidirectional through an explicit 4-D
-    mask, pooled over the text's tokens (found from the offsets) by this function."""
+    """float64 mean-pooled embeddings from transformers + peft (see ``peft_model``)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    model = peft_model(src, adapters)
-    texts, starts = [], []
-    for item in inputs:
-        instruction, text = ("", item) if isinstance(item, str) else (item[0].strip(), item[1])
-        texts.append(f"{instruction} {text}" if instruction else text)
-        starts.append(len(instruction) + 1 if instruction else 0)
-    enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
-    lengths = [len(ids) for ids in enc["input_ids"]]
-    width = max(lengths)
-    ids = torch.full((len(texts), width), tokenizer.pad_token_id)
-    for b, row in enumerate(enc["input_ids"]):
-        ids[b, : len(row)] = torch.tensor(row)
-    keep = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-    mask = torch.zeros(len(texts), 1, width, width)
-    mask.masked_fill_(~keep[:, None, None, :], torch.finfo(torch.float32).min)
-    with torch.no_grad():
-        hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
-    rows = []
-    for b, offsets in enumerate(enc["offset_mapping"]):
-        pooled = [j for j, (s, e) in enumerate(offsets) if e > s and e > starts[b]]
-        rows.append(hidden[b, pooled].mean(0))
-    return torch.stack(rows)
+    decoder = peft_model(src, adapters).get_base_model().model
+    return hf_embeddings(decoder, tokenizer, inputs, "mean", max_length)
