@@ -14,13 +14,13 @@ Every op works on packed tokens:
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from kernels import activations, attention, norms, pooling, rotary
+from kernels._common import interpreting
 
 from .batch import PackedBatch
 
@@ -93,7 +93,7 @@ def get_ops(name: str, device: torch.device) -> Ops:
     if name == "reference":
         return REFERENCE
     if name == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not interpreting():
             raise ValueError(
                 f"backend='triton' on {device} needs a CUDA device, or TRITON_INTERPRET=1 set before "
                 "triton is imported (the slow CPU interpreter, for tests)"

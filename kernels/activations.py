@@ -8,12 +8,12 @@
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels._common import check_dtype, check_launchable
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -32,11 +32,7 @@ def gated_activation_reference(gate_up: torch.Tensor, activation: str) -> torch.
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -77,8 +73,7 @@ def gated_activation(
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be [tokens, 2 * intermediate], got shape {tuple(gate_up.shape)}")
-    if gate_up.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"gate_up has dtype {gate_up.dtype}; supported: float32, float16, bfloat16")
+    check_dtype("gate_up", gate_up)
     if gate_up.numel() and gate_up.stride(1) != 1:
         raise ValueError("gate_up must be contiguous in its last dimension")
     n_tokens, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
@@ -89,8 +84,7 @@ def gated_activation(
                          f"dimension, got {out.dtype} {tuple(out.shape)}")
     if out.device != gate_up.device:
         raise ValueError(f"out is on {out.device}, gate_up on {gate_up.device}")
-    if gate_up.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors on {gate_up.device} need a GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    check_launchable(gate_up.device)
     if out.numel() == 0:
         return out
 

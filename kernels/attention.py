@@ -11,12 +11,12 @@ of ``max_seqlen``, batch * n_heads); query blocks past a sequence's end return a
 from __future__ import annotations
 
 import math
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels._common import check_dtype, check_launchable, interpreting
 
 
 def varlen_attention_reference(
@@ -67,16 +67,12 @@ def varlen_attention_reference(
 # ---------------------------------------------------------------------------------------------------
 
 _MAX_HEAD_DIM = 256
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs() -> list[triton.Config]:
     """Autotuning space, fixed at import, as triton fixes interpreter mode when it is imported."""
-    if _interpreting():
+    if interpreting():
         # The interpreter runs every program in numpy: one small tile (16 is tl.dot's minimum) and
         # no tuning, since benchmarking configs there only costs time.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
@@ -202,8 +198,7 @@ def _check_inputs(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        check_dtype(name, t)
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
     if not (q.dtype == k.dtype == v.dtype):
@@ -230,8 +225,7 @@ def _check_inputs(
     if len(devices) != 1:
         raise ValueError(f"q, k, v, cu_seqlens{', out' if out is not None else ''} are on different devices: "
                          f"{sorted(map(str, devices))}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors on {q.device} need a GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    check_launchable(q.device)
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype:
             raise ValueError(f"out must match q: {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")

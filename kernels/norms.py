@@ -8,11 +8,11 @@ The offset is a compile-time constant (0 for Llama/Mistral/Qwen2, 1 for Gemma).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels._common import check_launchable, check_rows, interpreting
 
 
 def rms_norm_reference(
@@ -37,12 +37,7 @@ def rms_norm_reference(
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_HIDDEN = 65536  # one program holds whole rows in registers
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -75,7 +70,7 @@ def _rms_norm_kernel(
 
 def _launch_settings(block_h: int) -> tuple[int, int]:
     """(BLOCK_T rows per program, num_warps): small hidden sizes get several rows per program."""
-    if _interpreting():
+    if interpreting():
         return 16, 4
     block_t = max(1, min(16, 2048 // block_h))
     num_warps = 32 if block_h >= 32768 else 16 if block_h >= 8192 else 8 if block_h >= 2048 else 4
@@ -106,15 +101,7 @@ def rms_norm(
     second output is ``x`` itself. ``out`` / ``residual_out``: optional [T, hidden] buffers of x's
     dtype for the two outputs; they must not overlap the inputs.
     """
-    if x.dim() != 2:
-        raise ValueError(f"x must be [tokens, hidden], got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"x has dtype {x.dtype}; supported: float32, float16, bfloat16")
-    n_rows, n_cols = x.shape
-    if not 1 <= n_cols <= _MAX_HIDDEN:
-        raise ValueError(f"hidden size {n_cols} unsupported; the kernel handles 1..{_MAX_HIDDEN}")
-    if x.stride(1) != 1:
-        raise ValueError("x must be contiguous in its last dimension")
+    n_rows, n_cols = check_rows("x", x)
     if weight.shape != (n_cols,) or not weight.is_floating_point():
         raise ValueError(f"weight must be a float tensor [{n_cols}], got {weight.dtype} {tuple(weight.shape)}")
     if residual is not None:
@@ -123,8 +110,7 @@ def rms_norm(
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) != 1:
         raise ValueError(f"tensors on different devices: {', '.join(f'{k}={v}' for k, v in devices.items())}")
-    if x.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors on {x.device} need a GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    check_launchable(x.device)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     else:

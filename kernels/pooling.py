@@ -12,12 +12,11 @@ happens in the same kernel.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels._common import check_launchable, check_rows, interpreting
 from kernels.norms import rms_norm_reference
 
 POOLING_MODES = ("mean", "weighted_mean", "first", "last")
@@ -81,12 +80,7 @@ def rms_norm_segment_pool_reference(
 # ---------------------------------------------------------------------------------------------------
 
 _MODE_IDS = {mode: i for i, mode in enumerate(POOLING_MODES)}  # the kernel's MODE constexpr
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -150,7 +144,7 @@ def _segment_pool_kernel(
 
 def _launch_settings(block_h: int) -> tuple[int, int]:
     """(BLOCK_T, num_warps): about 16K elements in flight per step on a GPU."""
-    if _interpreting():
+    if interpreting():
         return 16, 4
     block_t = max(1, min(64, 16384 // block_h))
     num_warps = 32 if block_h >= 32768 else 16 if block_t * block_h >= 16384 else 8
@@ -169,15 +163,7 @@ def _pool(
     offset: float = 0.0,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [tokens, hidden], got shape {tuple(hidden.shape)}")
-    if hidden.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"hidden has dtype {hidden.dtype}; supported: float32, float16, bfloat16")
-    total, n_cols = hidden.shape
-    if not 1 <= n_cols <= _MAX_HIDDEN:
-        raise ValueError(f"hidden size {n_cols} unsupported; the kernel handles 1..{_MAX_HIDDEN}")
-    if hidden.stride(1) != 1:
-        raise ValueError("hidden must be contiguous in its last dimension")
+    total, n_cols = check_rows("hidden", hidden)
     for name, t in (("starts", starts), ("ends", ends)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
@@ -186,8 +172,7 @@ def _pool(
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) != 1:
         raise ValueError(f"tensors on different devices: {', '.join(f'{k}={v}' for k, v in devices.items())}")
-    if hidden.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors on {hidden.device} need a GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    check_launchable(hidden.device)
     if weight is not None and weight.shape != (n_cols,):
         raise ValueError(f"norm weight must be [{n_cols}], got {tuple(weight.shape)}")
     if residual is not None:

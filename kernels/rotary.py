@@ -10,11 +10,12 @@ so views into a fused qkv projection output are updated without a copy.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._common import check_dtype, check_launchable, interpreting
 
 
 def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -58,11 +59,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -113,8 +110,7 @@ def rotary_(
     for name, t in (("q", q), ("k", k)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        check_dtype(name, t)
         if t.numel() and t.stride(2) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
     if q.dtype != k.dtype:
@@ -133,8 +129,7 @@ def rotary_(
     devices = {t.device for t in (q, k, cos, sin)}
     if len(devices) != 1:
         raise ValueError(f"q, k, cos, sin are on different devices: {sorted(map(str, devices))}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors on {q.device} need a GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    check_launchable(q.device)
     if n_tokens == 0 or half == 0:
         return q, k
 
@@ -144,6 +139,6 @@ def rotary_(
         q, k, cos, sin, q.shape[1], k.shape[1], half,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=block_half,
-        num_warps=1 if _interpreting() else max(1, min(8, block_hq * block_half // 256)),
+        num_warps=1 if interpreting() else max(1, min(8, block_hq * block_half // 256)),
     )
     return q, k
