@@ -89,7 +89,12 @@ def weight_files(path: str | Path) -> dict[str, str]:
 
 
 def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Every stored tensor, read shard by shard (memory-mapped) straight onto ``device``."""
+    """Every stored tensor, read shard by shard (memory-mapped) straight onto ``device``.
+
+    On the CPU each tensor is copied out of the mapping into memory of its own: a tensor left inside
+    the file mapping sits on 8-byte-aligned 4 KiB file pages, and matrix products read it ~1.5x
+    slower than from the allocator's aligned memory (measured on the benchmark model's MLP weights).
+    """
     path = Path(path)
     by_file: dict[str, list[str]] = {}
     for name, file in weight_files(path).items():
@@ -99,7 +104,8 @@ def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dic
         try:
             with safe_open(str(path / file), framework="pt", device=str(device)) as f:
                 for name in names:
-                    tensors[name] = f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    tensors[name] = tensor.clone() if tensor.device.type == "cpu" else tensor
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise FormatError(f"{path / file}: cannot read weights ({exc})") from None
     return tensors
