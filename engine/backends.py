@@ -13,7 +13,6 @@ Every op works on packed tokens:
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,9 +40,9 @@ class Ops:
 def _reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    # Sequence bounds from the host-side lengths: no device-to-host copy inside the layer loop.
-    bounds = torch.tensor((0, *itertools.accumulate(batch.seqlens)), dtype=torch.int32)
-    return attention.varlen_attention_reference(q, k, v, bounds, batch.max_seqlen, dropout_p=dropout_p)
+    return attention.varlen_attention_reference(
+        q, k, v, batch.cu_seqlens, batch.max_seqlen, dropout_p=dropout_p, groups=batch.rows_by_length
+    )
 
 
 def _reference_norm_pool(x, residual, weight, eps, offset, starts, ends, mode, normalize):

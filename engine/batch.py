@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
+from kernels.attention import rows_by_length
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,12 @@ class PackedBatch:
     def ends(self) -> torch.Tensor:
         """int64 [batch]: one past each sequence's last token."""
         return self.cu_seqlens[1:].long()
+
+    @cached_property
+    def rows_by_length(self) -> list[torch.Tensor]:
+        """int64 [seqs, length] token rows per distinct sequence length, on the batch's device: built
+        on the first call (one host-to-device copy per group) and shared by every layer."""
+        return rows_by_length(self.seqlens, self.input_ids.device)
 
 
 def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> PackedBatch:

@@ -11,12 +11,29 @@ of ``max_seqlen``, batch * n_heads); query blocks past a sequence's end return a
 from __future__ import annotations
 
 import math
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels._common import check_dtype, check_launchable, interpreting
+
+
+def rows_by_length(seqlens: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The packed token rows of the sequences grouped by length: one int64 [seqs, length] tensor per
+    distinct non-zero length, on ``device`` (the reference attention runs one call per group)."""
+    starts_by_length: dict[int, list[int]] = {}
+    start = 0
+    for length in seqlens:
+        if length:
+            starts_by_length.setdefault(length, []).append(start)
+        start += length
+    return [
+        (torch.tensor(starts)[:, None] + torch.arange(length)).to(device)
+        for length, starts in starts_by_length.items()
+    ]
 
 
 def varlen_attention_reference(
@@ -27,13 +44,16 @@ def varlen_attention_reference(
     max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    groups: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch attention over packed sequences (supports autograd and dropout).
 
     Sequences of equal length are gathered into one batched ``scaled_dot_product_attention`` call,
     so nothing is padded and nothing is masked: the result is what attending to each sequence on its
-    own gives. Returns a tensor of q's shape and dtype. ``max_seqlen`` is accepted for signature
-    parity with the kernel and unused. Dropout applies to the attention probabilities, as in training.
+    own gives. ``groups``: ``rows_by_length`` of the batch, if the caller has it (the model computes
+    it once per batch, not once per layer); otherwise it is derived from ``cu_seqlens``.
+    Returns a tensor of q's shape and dtype. ``max_seqlen`` is accepted for signature parity with the
+    kernel and unused. Dropout applies to the attention probabilities, as in training.
     """
     del max_seqlen
     total, n_heads, head_dim = q.shape
@@ -41,25 +61,20 @@ def varlen_attention_reference(
     if n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
     scale = head_dim ** -0.5 if scale is None else scale
-    bounds = cu_seqlens.tolist()
-    starts_by_length: dict[int, list[int]] = {}
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            starts_by_length.setdefault(end - start, []).append(start)
-    outs, rows = [], []
-    for length, starts in starts_by_length.items():
-        # rows of the group's tokens: [seqs, length]
-        index = (torch.tensor(starts)[:, None] + torch.arange(length)).to(q.device)
+    if groups is None:
+        groups = rows_by_length(cu_seqlens.diff().tolist(), q.device)
+    if not groups:
+        return q.new_empty(q.shape)
+    outs = []
+    for index in groups:  # [seqs, length]
         # [seqs, length, heads, head_dim] -> [seqs, heads, length, head_dim]
         qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(
             qs, ks, vs, dropout_p=dropout_p, scale=scale, enable_gqa=n_heads != n_kv
         )
         outs.append(o.transpose(1, 2).reshape(-1, n_heads, head_dim))
-        rows.append(index.flatten())
-    if not outs:
-        return q.new_empty(q.shape)
-    return q.new_zeros(q.shape).index_copy(0, torch.cat(rows), torch.cat(outs))
+    rows = torch.cat([index.flatten() for index in groups])
+    return q.new_zeros(q.shape).index_copy(0, rows, torch.cat(outs))
 
 
 # ---------------------------------------------------------------------------------------------------
