@@ -31,7 +31,7 @@ from engine.config import ConfigError, ModelConfig
 from engine.format import DTYPES, ENCODE_POOLING, ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, FormatError
 
 from .lora import LLM2VEC_CONFIG, Adapter, merge, pooling_defaults
-from .sources import Checkpoint, ConversionError, TensorInfo, file_hashes, read_json
+from .sources import Checkpoint, ConversionError, TensorInfo, error_line, file_hashes, read_json
 
 __all__ = ["ConversionError", "convert", "main"]
 
@@ -419,11 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             quiet=args.quiet,
             keep_lm_head=args.keep_lm_head,
         )
-    except (ConversionError, ConfigError, FormatError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+    except (ConversionError, ConfigError, FormatError, OSError) as exc:
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
@@ -431,10 +428,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quiet:
         print(f"{PROG}: wrote {out}", file=sys.stderr)
     return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

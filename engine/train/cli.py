@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     options = {k: v for k, v in vars(args).items() if k not in ("objective", "config")}
     # Imported here so that --help stays fast.
-    from converters.sources import ConversionError
+    from converters.sources import ConversionError, error_line
 
     from ..config import ConfigError
     from ..format import FormatError
@@ -106,17 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = make_config(args.objective, args.config, **options)
         train(cfg)
-    except (TrainError, ConversionError, ConfigError, FormatError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+    except (TrainError, ConversionError, ConfigError, FormatError, OSError) as exc:
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; resume with --resume from the last checkpoint", file=sys.stderr)
         return 130
     return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -283,7 +283,7 @@ def _load_base(cfg: TrainConfig, ctx: distributed.Context, src: Path, out: Path,
     temporary engine directory, every process loads it, rank 0 removes it.
     """
     from converters.hf2engine import convert
-    from converters.sources import ConversionError
+    from converters.sources import ConversionError, error_line
 
     tmp_root = out.parent if out.parent.is_dir() else None
     error, path = None, None
@@ -293,7 +293,7 @@ def _load_base(cfg: TrainConfig, ctx: distributed.Context, src: Path, out: Path,
             convert(src, path / "engine", loras=cfg.lora, dtype=str(dtype).removeprefix("torch."), quiet=True,
                     keep_lm_head=cfg.objective == "mntp")
         except (ConversionError, OSError) as exc:
-            error = " ".join(str(exc).split())
+            error = error_line(exc)
     error, path = distributed.broadcast_object(ctx, (error, path))
     try:
         if error is not None:
