@@ -63,12 +63,13 @@ class Engine:
         # Build on the meta device (no allocation), then adopt the stored tensors as parameters.
         with torch.device("meta"):
             model = EncoderModel(config.model, with_lm_head=config.has_lm_head)
-        state = load_state_dict(path, device)
+        state = load_state_dict(path, device, dtype)
         expected = set(model.state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise FormatError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {extra[:3]})")
         model.load_state_dict(state, assign=True)
+        # The weights are cast already; .to() also recomputes the rotary frequencies off the meta device.
         model.to(dtype=dtype).eval().requires_grad_(False)
         model.ops = ops
         tokenizer = AutoTokenizer.from_pretrained(str(path))

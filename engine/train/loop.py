@@ -300,7 +300,7 @@ def _load_base(cfg: TrainConfig, ctx: distributed.Context, src: Path, out: Path,
             raise TrainError(error)
         engine_dir = path / "engine"
         ecfg = EngineConfig.read(engine_dir)
-        state = load_state_dict(engine_dir, ctx.device)
+        state = load_state_dict(engine_dir, ctx.device, dtype)
         with torch.device("meta"):
             model = EncoderModel(ecfg.model, with_lm_head=ecfg.has_lm_head)
         model.load_state_dict(state, assign=True)
