@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.config import ConfigError, ModelConfig
-from engine.format import DTYPES, ENCODE_POOLING, ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, FormatError
+from engine.format import DTYPES, ENCODE_POOLING, ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, FormatError, shard_metadata
 
 from .lora import LLM2VEC_CONFIG, Adapter, merge, pooling_defaults
-from .sources import Checkpoint, ConversionError, TensorInfo, error_line, file_hashes, read_json
+from .sources import Checkpoint, ConversionError, TensorInfo, error_line, file_hashes, read_json, sha256_file
 
 __all__ = ["ConversionError", "convert", "main"]
 
@@ -297,13 +297,16 @@ def _write_weights(
     cfg, p = plan.cfg, plan.prefix
     n_shards = cfg.num_layers + 2
     weight_map: dict[str, str] = {}
+    shard_sha256: dict[str, str] = {}
+    metadata = shard_metadata(cfg)
     total = 0
 
     def write(k: int, tensors: dict[str, torch.Tensor]) -> None:
         nonlocal total
         file = f"weights-{k:05d}.safetensors"
         tensors = {name: t.contiguous() for name, t in tensors.items()}
-        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / file), metadata=metadata)
+        shard_sha256[file] = sha256_file(tmp / file)
         for name, t in tensors.items():
             weight_map[name] = file
             total += t.numel() * t.element_size()
@@ -347,7 +350,7 @@ def _write_weights(
         bar.update()
     finally:
         bar.close()
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"total_size": total, "sha256": shard_sha256}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return plan.keep_lm_head
 

@@ -5,10 +5,13 @@ Every op works on packed tokens:
 - ``rms_norm(x, weight, eps, offset, residual) -> (normed, x + residual)``, x: [tokens, hidden]
 - ``rotary(q, k, cos, sin) -> (q, k)``, q: [tokens, heads, head_dim], cos/sin: [tokens, head_dim / 2]
   (the Triton backend rotates in place)
-- ``attention(q, k, v, batch, dropout_p) -> [tokens, heads, head_dim]``
+- ``qk_norm_rotary(q, k, q_weight, k_weight, eps, cos, sin) -> (q, k)``: RMSNorm over each head of q
+  and k (weights [head_dim], Qwen3), then rotary
+- ``attention(q, k, v, batch, dropout_p, *, causal, softcap, window, scale) -> [tokens, heads, head_dim]``
 - ``gated_activation(gate_up, activation) -> [tokens, intermediate]``
-- ``pool(hidden, starts, ends, mode, normalize) -> float32 [batch, hidden]``
-- ``norm_pool(x, residual, weight, eps, offset, starts, ends, mode, normalize) -> float32 [batch, hidden]``:
+- ``pool(hidden, plan, normalize) -> float32 [batch, hidden]``, ``plan``: an ``inputs.PoolingPlan``
+  (spans validated on the host, optional per-token weights)
+- ``norm_pool(x, residual, weight, eps, offset, plan, normalize) -> float32 [batch, hidden]``:
   the final residual add, RMSNorm and pooling in one, reading only the pooled rows
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Ops:
     name: str
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    qk_norm_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     attention: Callable[..., torch.Tensor]
     gated_activation: Callable[..., torch.Tensor]
     pool: Callable[..., torch.Tensor]
@@ -38,36 +42,60 @@ class Ops:
 
 
 def _reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0, *,
+    causal: bool = False, softcap: float | None = None, window: tuple[int, int] | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     return attention.varlen_attention_reference(
-        q, k, v, batch.cu_seqlens, batch.max_seqlen, dropout_p=dropout_p, groups=batch.rows_by_length
+        q, k, v, batch.cu_seqlens, batch.max_seqlen, scale, dropout_p, batch.rows_by_length,
+        causal=causal, softcap=softcap, window=window,
     )
 
 
-def _reference_norm_pool(x, residual, weight, eps, offset, starts, ends, mode, normalize):
-    return pooling.rms_norm_segment_pool_reference(x, weight, eps, starts, ends, mode, normalize, offset, residual)
+def _reference_qk_norm_rotary(q, k, q_weight, k_weight, eps, cos, sin):
+    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return norms.rms_norm_reference(x.reshape(-1, x.shape[-1]), w, eps)[0].view(x.shape)
+
+    return rotary.rotary_reference(norm(q, q_weight), norm(k, k_weight), cos, sin)
+
+
+def _reference_pool(hidden, plan, normalize):
+    return pooling.segment_pool_reference(hidden, plan.starts, plan.ends, plan.mode, normalize, plan.weights)
+
+
+def _reference_norm_pool(x, residual, weight, eps, offset, plan, normalize):
+    return pooling.rms_norm_segment_pool_reference(x, weight, eps, plan.starts, plan.ends, plan.mode, normalize, offset,
+                                                   residual, plan.weights)
 
 
 def _triton_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0, *,
+    causal: bool = False, softcap: float | None = None, window: tuple[int, int] | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     if dropout_p:
         raise ValueError("the triton backend is for inference; attention dropout needs backend='reference'")
-    return attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen)
+    return attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, scale,
+                                      causal=causal, softcap=softcap, window=window)
 
 
-def _triton_norm_pool(x, residual, weight, eps, offset, starts, ends, mode, normalize):
-    return pooling.rms_norm_segment_pool(x, weight, eps, starts, ends, mode, normalize, offset=offset, residual=residual)
+def _triton_pool(hidden, plan, normalize):
+    return pooling.segment_pool(hidden, plan.starts, plan.ends, plan.mode, normalize, weights=plan.weights, check=False)
+
+
+def _triton_norm_pool(x, residual, weight, eps, offset, plan, normalize):
+    return pooling.rms_norm_segment_pool(x, weight, eps, plan.starts, plan.ends, plan.mode, normalize, offset=offset,
+                                         residual=residual, weights=plan.weights, check=False)
 
 
 REFERENCE = Ops(
     name="reference",
     rms_norm=norms.rms_norm_reference,
     rotary=rotary.rotary_reference,
+    qk_norm_rotary=_reference_qk_norm_rotary,
     attention=_reference_attention,
     gated_activation=activations.gated_activation_reference,
-    pool=pooling.segment_pool_reference,
+    pool=_reference_pool,
     norm_pool=_reference_norm_pool,
 )
 
@@ -75,9 +103,10 @@ TRITON = Ops(
     name="triton",
     rms_norm=norms.rms_norm,
     rotary=rotary.rotary_,
+    qk_norm_rotary=_reference_qk_norm_rotary,  # TODO(issue 12): the fused q/k-norm + rotary kernel
     attention=_triton_attention,
     gated_activation=activations.gated_activation,
-    pool=pooling.segment_pool,
+    pool=_triton_pool,
     norm_pool=_triton_norm_pool,
 )
 

@@ -1,4 +1,7 @@
-"""The one transformer definition for Llama, Mistral, Gemma and Qwen2, run bidirectionally on packed tokens.
+"""The one transformer definition for Llama, Mistral, Gemma, Gemma-2, Qwen2 and Qwen3, on packed tokens.
+
+Bidirectional (LLM2Vec, gte-Qwen2) or causal (e5-mistral, Qwen3-Embedding) attention, and every family
+difference, come from :class:`ModelConfig` fields; nothing here looks at the family name.
 
 Parameters use the engine format's layout (fused q/k/v and gate/up projections), so a converted
 checkpoint loads with no renaming. The arithmetic that differs between the reference path and the
@@ -6,6 +9,8 @@ fast path goes through :class:`engine.backends.Ops`; everything else (matrix pro
 residual stream) is plain PyTorch and identical for both.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,15 +21,29 @@ from kernels.rotary import rotary_cos_sin, rotary_inv_freq
 from .backends import REFERENCE, Ops
 from .batch import PackedBatch
 from .config import ModelConfig
+from .format import (ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, FormatError, load_state_dict, model_config_hash,
+                     read_index, verify_shards)
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm block: bidirectional self-attention then gated MLP, both with residuals."""
+    """Pre-norm block: self-attention then gated MLP, both with residuals.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Optional per family: q/k RMSNorm over each head before rotary (``qk_norm``, Qwen3); an RMSNorm on
+    the attention output and one on the MLP output before their residual adds (``post_norms``,
+    Gemma-2); a sliding window (``ModelConfig.layer_window``).
+    """
+
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.window = cfg.layer_window(index)
         self.attn_norm = nn.Parameter(torch.empty(cfg.hidden_size))
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.empty(cfg.head_dim))
+            self.k_norm = nn.Parameter(torch.empty(cfg.head_dim))
+        if cfg.post_norms:
+            self.post_attn_norm = nn.Parameter(torch.empty(cfg.hidden_size))
+            self.post_mlp_norm = nn.Parameter(torch.empty(cfg.hidden_size))
         # Rows [q | k | v]: [q_size + 2 * kv_size, hidden].
         self.qkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
@@ -54,15 +73,24 @@ class EncoderLayer(nn.Module):
         q = qkv[:, : cfg.q_size].view(n_tokens, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
-        q, k = ops.rotary(q, k, *rope)
-        attn = ops.attention(q, k, v, batch, dropout_p)
+        if cfg.qk_norm:
+            q, k = ops.qk_norm_rotary(q, k, self.q_norm, self.k_norm, cfg.rms_norm_eps, *rope)
+        else:
+            q, k = ops.rotary(q, k, *rope)
+        attn = ops.attention(q, k, v, batch, dropout_p, causal=cfg.causal, softcap=cfg.attn_logit_softcap,
+                             window=self.window, scale=cfg.attention_scale)
         x = self.o(attn.reshape(n_tokens, cfg.q_size))
+        if cfg.post_norms:
+            x = ops.rms_norm(x, self.post_attn_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)[0]
         h, residual = ops.rms_norm(x, self.mlp_norm, cfg.rms_norm_eps, cfg.norm_weight_offset, residual)
-        return self.down(ops.gated_activation(self.gate_up(h), cfg.activation)), residual
+        x = self.down(ops.gated_activation(self.gate_up(h), cfg.activation))
+        if cfg.post_norms:
+            x = ops.rms_norm(x, self.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)[0]
+        return x, residual
 
 
 class EncoderModel(nn.Module):
-    """Bidirectional decoder-as-encoder. ``forward`` maps a :class:`PackedBatch` to final hidden
+    """Decoder-as-encoder. ``forward`` maps a :class:`PackedBatch` to final hidden
     states [tokens, hidden], after the final norm. ``lm_head`` exists only when the checkpoint keeps
     one (or ties it to the embeddings) and is used for MNTP training.
     """
@@ -71,7 +99,7 @@ class EncoderModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
         self.lm_head = (
             nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -119,7 +147,38 @@ class EncoderModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits [tokens, vocab] from final hidden states (tied to the embeddings if configured)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden)
-        if self.cfg.tie_word_embeddings:
-            return F.linear(hidden, self.embed.weight)
-        raise ValueError("this checkpoint was converted without an LM head; convert with --keep-lm-head")
+            logits = self.lm_head(hidden)
+        elif self.cfg.tie_word_embeddings:
+            logits = F.linear(hidden, self.embed.weight)
+        else:
+            raise ValueError("this checkpoint was converted without an LM head; convert with --keep-lm-head")
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    @classmethod
+    def from_engine_dir(
+        cls, path: str | Path, device: torch.device, dtype: torch.dtype | None, verify: bool = False,
+        config: EngineConfig | None = None,
+    ) -> "EncoderModel":
+        """The model of an engine directory, weights read straight onto ``device`` in ``dtype``
+        (None: as stored). Everything is checked before a tensor is read: the layer count and tensor
+        names against the index, each shard's recorded model-config hash, and with ``verify`` every
+        shard's sha256; shapes and dtypes as each tensor is read. Raises :class:`FormatError`."""
+        path = Path(path)
+        config = EngineConfig.read(path) if config is None else config
+        index = read_index(path)
+        layers = {name.split(".")[1] for name in index.weight_map if name.startswith("layers.")}
+        if layers != {str(i) for i in range(config.model.num_layers)}:
+            raise FormatError(f"{path / WEIGHTS_INDEX}: holds {len(layers)} layers but {ENGINE_CONFIG} says "
+                              f"num_layers={config.model.num_layers}")
+        if verify:
+            verify_shards(path, index)
+        # Built on the meta device (no allocation); the stored tensors are adopted as parameters.
+        with torch.device("meta"):
+            model = cls(config.model, with_lm_head=config.has_lm_head)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        state = load_state_dict(path, expected, model_config_hash(config.model), device, dtype, index)
+        model.load_state_dict(state, assign=True)
+        # The weights are cast already; .to() also recomputes the rotary frequencies off the meta device.
+        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+        return model

@@ -45,15 +45,21 @@ def varlen_attention_reference(
     scale: float | None = None,
     dropout_p: float = 0.0,
     groups: list[torch.Tensor] | None = None,
+    *,
+    causal: bool = False,
+    softcap: float | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch attention over packed sequences (supports autograd and dropout).
 
-    Sequences of equal length are gathered into one batched ``scaled_dot_product_attention`` call,
-    so nothing is padded and nothing is masked: the result is what attending to each sequence on its
-    own gives. ``groups``: ``rows_by_length`` of the batch, if the caller has it (the model computes
-    it once per batch, not once per layer); otherwise it is derived from ``cu_seqlens``.
-    Returns a tensor of q's shape and dtype. ``max_seqlen`` is accepted for signature parity with the
-    kernel and unused. Dropout applies to the attention probabilities, as in training.
+    Sequences of equal length are gathered into one batched call, so nothing is padded: the result
+    is what attending to each sequence on its own gives. ``groups``: ``rows_by_length`` of the batch,
+    if the caller has it (the model computes it once per batch, not once per layer); otherwise it is
+    derived from ``cu_seqlens``. ``causal``: query i sees keys j <= i of its sequence. ``softcap``:
+    scores become ``softcap * tanh(score / softcap)`` before the softmax (Gemma-2). ``window``:
+    ``(left, right)``, query i sees only keys in ``[i - left, i + right]``. Returns a tensor of q's
+    shape and dtype. ``max_seqlen`` is accepted for signature parity with the kernel and unused.
+    Dropout applies to the attention probabilities, as in training.
     """
     del max_seqlen
     total, n_heads, head_dim = q.shape
@@ -69,12 +75,50 @@ def varlen_attention_reference(
     for index in groups:  # [seqs, length]
         # [seqs, length, heads, head_dim] -> [seqs, heads, length, head_dim]
         qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(
-            qs, ks, vs, dropout_p=dropout_p, scale=scale, enable_gqa=n_heads != n_kv
-        )
+        if softcap is None and window is None:
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, dropout_p=dropout_p, scale=scale, is_causal=causal, enable_gqa=n_heads != n_kv
+            )
+        else:
+            o = _explicit_attention(qs, ks, vs, scale, dropout_p, causal, softcap, window)
         outs.append(o.transpose(1, 2).reshape(-1, n_heads, head_dim))
     rows = torch.cat([index.flatten() for index in groups])
     return q.new_zeros(q.shape).index_copy(0, rows, torch.cat(outs))
+
+
+def attention_mask(length: int, causal: bool, window: tuple[int, int] | None, device: torch.device | str) -> torch.Tensor | None:
+    """bool [length, length], True where query i may see key j (None: every key visible)."""
+    if not causal and window is None:
+        return None
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    keep = torch.ones(length, length, dtype=torch.bool, device=device)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        left, right = window
+        keep &= (j >= i - left) & (j <= i + right)
+    return keep
+
+
+def _explicit_attention(qs, ks, vs, scale, dropout_p, causal, softcap, window):
+    """Scores materialised, for what SDPA cannot express (soft-capping, windows): [seqs, heads, L, D].
+    Math in float32, the probabilities cast to the input dtype before the product with v, as
+    transformers' eager attention does."""
+    n_heads, n_kv, length = qs.shape[1], ks.shape[1], qs.shape[2]
+    if n_heads != n_kv:
+        ks = ks.repeat_interleave(n_heads // n_kv, dim=1)
+        vs = vs.repeat_interleave(n_heads // n_kv, dim=1)
+    s = (qs.float() @ ks.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    keep = attention_mask(length, causal, window, qs.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))  # the diagonal is always kept: no all-masked row
+    p = torch.softmax(s, dim=-1)
+    if dropout_p:
+        p = F.dropout(p, dropout_p)
+    return (p.to(vs.dtype) @ vs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,9 +300,12 @@ def varlen_attention(
     max_seqlen: int,
     scale: float | None = None,
     *,
+    causal: bool = False,
+    softcap: float | None = None,
+    window: tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Non-causal attention within each packed sequence; returns a tensor of q's shape and dtype.
+    """Attention within each packed sequence; returns a tensor of q's shape and dtype.
 
     ``q``: [T, H, D]; ``k``, ``v``: [T, KV, D] with ``H % KV == 0`` (grouped-query: query head h reads
     kv head ``h // (H // KV)``); D in 1..256; float32, float16 or bfloat16 (softmax and accumulation
@@ -269,6 +316,8 @@ def varlen_attention(
     [T, H, D] buffer of q's dtype (last dim contiguous) to write into; it is returned.
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, out)
+    if causal or softcap is not None or window is not None:
+        raise NotImplementedError("causal, softcap and window are not yet in the Triton kernel; use backend='reference'")
     total, n_heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     if out is None:

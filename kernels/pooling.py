@@ -2,7 +2,9 @@
 
 ``hidden``: [total_tokens, hidden]; ``starts``, ``ends``: int [batch]; the pooled rows of sequence b
 are ``hidden[starts[b]:ends[b]]``. Modes: ``mean``, ``weighted_mean`` (weights 1..n over the n rows),
-``first``, ``last``. Accumulates in float32 and returns float32 [batch, hidden].
+``first``, ``last``. Optional ``weights``: float32 [total_tokens]; ``mean`` then computes
+``sum(w x) / sum(w)`` over the span (a token of weight 0 is skipped: a special token inside a text).
+Accumulates in float32 and returns float32 [batch, hidden].
 
 ``segment_pool_reference`` is the plain-PyTorch path. The Triton launchers: ``segment_pool`` (same
 semantics) and ``rms_norm_segment_pool``, which applies the model's final RMSNorm (and the pending
@@ -39,14 +41,19 @@ def check_spans(starts: torch.Tensor, ends: torch.Tensor, total_tokens: int, mod
 
 
 def segment_pool_reference(
-    hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, mode: str = "mean", normalize: bool = False
+    hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, mode: str = "mean", normalize: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch segment pooling (autograd-friendly): float32 [batch, hidden]."""
     check_spans(starts, ends, hidden.shape[0], mode)
+    check_weights(weights, hidden.shape[0], mode)
     rows = []
     for s, e in zip(starts.tolist(), ends.tolist()):
         span = hidden[s:e].float()
-        if mode == "mean":
+        if mode == "mean" and weights is not None:
+            w = weights[s:e].float()
+            rows.append((span * w[:, None]).sum(0) / w.sum())
+        elif mode == "mean":
             rows.append(span.mean(0))
         elif mode == "weighted_mean":
             w = torch.arange(1, e - s + 1, device=hidden.device, dtype=torch.float32)
@@ -69,10 +76,20 @@ def rms_norm_segment_pool_reference(
     normalize: bool = False,
     offset: float = 0.0,
     residual: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``segment_pool_reference(rms_norm_reference(hidden, weight, eps, offset, residual)[0], ...)``."""
     normed = rms_norm_reference(hidden, weight, eps, offset, residual)[0]
-    return segment_pool_reference(normed, starts, ends, mode, normalize)
+    return segment_pool_reference(normed, starts, ends, mode, normalize, weights)
+
+
+def check_weights(weights: torch.Tensor | None, total_tokens: int, mode: str) -> None:
+    if weights is None:
+        return
+    if mode != "mean":
+        raise ValueError(f"per-token weights apply to mode 'mean' (sum(w x) / sum(w)), not {mode!r}")
+    if weights.shape != (total_tokens,) or weights.dtype != torch.float32:
+        raise ValueError(f"weights must be float32 [{total_tokens}], got {weights.dtype} {tuple(weights.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,10 +102,10 @@ _MODE_IDS = {mode: i for i, mode in enumerate(POOLING_MODES)}  # the kernel's MO
 
 @triton.jit
 def _segment_pool_kernel(
-    X, R, W, OUT, starts, ends, eps, n_cols, stride_xt, stride_rt, stride_ob,
+    X, R, W, WT, OUT, starts, ends, eps, n_cols, stride_xt, stride_rt, stride_ob,
     MODE: tl.constexpr,  # index into POOLING_MODES
-    NORMALIZE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OFFSET: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    OFFSET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One program pools sequence ``program_id(0)``: BLOCK_T rows of BLOCK_H (>= hidden) columns a step.
 
@@ -109,6 +126,7 @@ def _segment_pool_kernel(
     if HAS_NORM:
         w = tl.load(W + cols, mask=mask_h, other=0.0).to(tl.float32) + OFFSET
     acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    wsum = tl.zeros([BLOCK_T], tl.float32)
     for t0 in range(0, n, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         mask = (rows < n)[:, None] & mask_h[None, :]
@@ -124,11 +142,18 @@ def _segment_pool_kernel(
             x = (x * rstd[:, None] * w[None, :]).to(X.dtype.element_ty).to(tl.float32)
         if MODE == 1:  # weighted_mean: row i of the span (0-based) has weight i + 1
             x = x * (rows + 1).to(tl.float32)[:, None]
+        if HAS_WEIGHTS:
+            wt = tl.load(WT + start + rows, mask=rows < n, other=0.0)
+            x = x * wt[:, None]
+            wsum += wt
         acc += x  # masked rows and columns are exactly 0
     pooled = tl.sum(acc, 0)
     nf = n.to(tl.float32)
     if MODE == 0:
-        pooled = pooled / nf
+        if HAS_WEIGHTS:
+            pooled = pooled / tl.sum(wsum, 0)
+        else:
+            pooled = pooled / nf
     if MODE == 1:
         pooled = pooled / (nf * (nf + 1.0) * 0.5)
     if NORMALIZE:
@@ -162,13 +187,20 @@ def _pool(
     eps: float = 0.0,
     offset: float = 0.0,
     residual: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     total, n_cols = check_rows("hidden", hidden)
     for name, t in (("starts", starts), ("ends", ends)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-    check_spans(starts, ends, total, mode)
-    tensors = {"hidden": hidden, "starts": starts, "ends": ends, "weight": weight, "residual": residual, "out": out}
+    if check:
+        check_spans(starts, ends, total, mode)
+    elif mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
+    check_weights(weights, total, mode)
+    tensors = {"hidden": hidden, "starts": starts, "ends": ends, "weight": weight, "residual": residual, "out": out,
+               "weights": weights}
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) != 1:
         raise ValueError(f"tensors on different devices: {', '.join(f'{k}={v}' for k, v in devices.items())}")
@@ -194,10 +226,10 @@ def _pool(
     block_t, num_warps = _launch_settings(block_h)
     _segment_pool_kernel[(batch,)](
         hidden, residual if residual is not None else hidden, weight if weight is not None else hidden,
-        out, starts.contiguous(), ends.contiguous(), float(eps), n_cols,
+        weights if weights is not None else out, out, starts.contiguous(), ends.contiguous(), float(eps), n_cols,
         hidden.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         MODE=_MODE_IDS[mode], NORMALIZE=bool(normalize), HAS_NORM=weight is not None,
-        HAS_RESIDUAL=residual is not None, OFFSET=float(offset),
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHTS=weights is not None, OFFSET=float(offset),
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=num_warps,
     )
     return out
@@ -210,16 +242,20 @@ def segment_pool(
     mode: str = "mean",
     normalize: bool = False,
     *,
+    weights: torch.Tensor | None = None,
+    check: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pool ``hidden[starts[b]:ends[b]]`` for every b: float32 [batch, hidden], L2-normalised if asked.
 
     ``hidden``: [T, hidden] float32/float16/bfloat16, last dim contiguous (row stride free).
     ``starts``, ``ends``: int32/int64 [batch] on hidden's device. An unknown mode, an empty span or a
-    span outside [0, T) raises ValueError before launch (this check reads the spans: one device sync).
-    ``out``: optional float32 [batch, hidden] buffer to write into; it is returned.
+    span outside [0, T) raises ValueError before launch (this check reads the spans: one device sync;
+    ``check=False`` skips it for spans the caller validated on the host). ``weights``: optional
+    float32 [T] per-token weights for ``mean``. ``out``: optional float32 [batch, hidden] buffer to
+    write into; it is returned.
     """
-    return _pool(hidden, starts, ends, mode, normalize, out)
+    return _pool(hidden, starts, ends, mode, normalize, out, weights=weights, check=check)
 
 
 def rms_norm_segment_pool(
@@ -233,6 +269,8 @@ def rms_norm_segment_pool(
     *,
     offset: float = 0.0,
     residual: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    check: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``segment_pool(rms_norm(hidden, weight, eps, offset, residual)[0], starts, ends, mode, normalize)``
@@ -242,4 +280,4 @@ def rms_norm_segment_pool(
     dim contiguous, added to ``hidden`` first (the model's pending residual add). Other arguments as
     in :func:`segment_pool`. Returns float32 [batch, hidden].
     """
-    return _pool(hidden, starts, ends, mode, normalize, out, weight, eps, offset, residual)
+    return _pool(hidden, starts, ends, mode, normalize, out, weight, eps, offset, residual, weights, check)

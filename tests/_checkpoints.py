@@ -186,6 +186,16 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
+def engine_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an engine directory, read with safetensors alone (no engine code)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(path).glob("weights-*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
 def tree_snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 

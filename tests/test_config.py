@@ -58,7 +58,7 @@ def test_llama31_rope_scaling_from_both_layouts():
         assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == LLAMA31_SCALING
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Gemma2ForCausalLM", "Phi3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Gemma3ForCausalLM", "Phi3ForCausalLM"])
 def test_other_architectures_are_refused_by_name(arch):
     raw = hf_dict("LlamaConfig", arch)
     with pytest.raises(ConfigError, match=arch):

@@ -15,7 +15,7 @@ from safetensors import safe_open
 import _checkpoints as ck
 from converters.hf2engine import convert
 from engine.config import ModelConfig
-from engine.format import ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, load_state_dict
+from engine.format import ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig
 
 FAMILY_KWARGS = {
     "llama": {},
@@ -49,7 +49,7 @@ def test_family_with_lora_matches_peft_merge(family, tmp_path):
     # The adapter really changes the weights (the comparison is not vacuous).
     base = ck.fuse_reference(ck.peft_merged_state(src, []), cfg.model.num_layers, cfg.model.qkv_bias)
     assert (base["layers.0.qkv.weight"] - expected["layers.0.qkv.weight"]).abs().max() > 1e-3
-    ck.assert_close_verbose(load_state_dict(out), expected)
+    ck.assert_close_verbose(ck.engine_tensors(out), expected)
 
 
 def test_two_adapters_merged_in_order_rslora_and_patterns(tmp_path):
@@ -61,7 +61,7 @@ def test_two_adapters_merged_in_order_rslora_and_patterns(tmp_path):
     out = convert(src, tmp_path / "engine", loras=[first, second], quiet=True)
     cfg = EngineConfig.read(out)
     expected = ck.fuse_reference(ck.peft_merged_state(src, [first, second]), cfg.model.num_layers, False)
-    ck.assert_close_verbose(load_state_dict(out), expected)
+    ck.assert_close_verbose(ck.engine_tensors(out), expected)
     adapters = cfg.sources["adapters"]
     assert [a["path"] for a in adapters] == [str(first.resolve()), str(second.resolve())]
     assert [(a["r"], a["lora_alpha"], a["use_rslora"]) for a in adapters] == [(4, 16, True), (8, 5, False)]
@@ -79,27 +79,27 @@ def test_bare_model_checkpoint_with_bare_adapter(tmp_path):
     cfg = EngineConfig.read(out)
     assert cfg.model.qkv_bias
     expected = ck.fuse_reference(ck.peft_merged_state(src, [lora], bare=True), cfg.model.num_layers, True)
-    ck.assert_close_verbose(load_state_dict(out), expected)
+    ck.assert_close_verbose(ck.engine_tensors(out), expected)
     # A CausalLM-style adapter (base_model.model.model.layers...) applies to the bare checkpoint too;
     # reference: peft on the *ForCausalLM class, which loads the bare weights under "model.".
     causal_lora = ck.adapter(src, seed=6)
     out2 = convert(src, tmp_path / "engine2", loras=[causal_lora], quiet=True)
     expected2 = ck.fuse_reference(ck.peft_merged_state(src, [causal_lora]), cfg.model.num_layers, True)
-    ck.assert_close_verbose(load_state_dict(out2), expected2)
+    ck.assert_close_verbose(ck.engine_tensors(out2), expected2)
 
 
 def test_keep_lm_head(tmp_path):
     src = ck.tiny("llama")
     out = convert(src, tmp_path / "kept", keep_lm_head=True, quiet=True)
     assert EngineConfig.read(out).has_lm_head
-    state = load_state_dict(out)
+    state = ck.engine_tensors(out)
     with safe_open(str(src / _shard_of(src, "lm_head.weight")), framework="pt") as f:
         torch.testing.assert_close(state["lm_head.weight"], f.get_tensor("lm_head.weight"), rtol=0, atol=0)
     index = json.loads((out / WEIGHTS_INDEX).read_text())["weight_map"]
     last = f"weights-{EngineConfig.read(out).model.num_layers + 2:05d}.safetensors"
     assert index["lm_head.weight"] == index["norm"] == last
     dropped = convert(src, tmp_path / "dropped", quiet=True)
-    assert "lm_head.weight" not in load_state_dict(dropped)
+    assert "lm_head.weight" not in ck.engine_tensors(dropped)
 
     from engine import Engine
 
@@ -109,7 +109,7 @@ def test_keep_lm_head(tmp_path):
     # Tied embeddings (Gemma's default): there is no separate lm_head to keep.
     tied = ck.tiny("gemma", head_dim=32)
     assert EngineConfig.read(convert(tied, tmp_path / "tied", keep_lm_head=True, quiet=True)).model.tie_word_embeddings
-    assert "lm_head.weight" not in load_state_dict(tmp_path / "tied")
+    assert "lm_head.weight" not in ck.engine_tensors(tmp_path / "tied")
 
 
 def _shard_of(src, name):
@@ -157,7 +157,7 @@ def test_dtype_bfloat16_casts_once_after_merge(tmp_path):
     bf16 = convert(src, tmp_path / "bf16", loras=[lora], dtype="bfloat16", quiet=True)
     fp32 = convert(src, tmp_path / "fp32", loras=[lora], dtype="float32", quiet=True)
     assert EngineConfig.read(bf16).dtype == "bfloat16"
-    s16, s32 = load_state_dict(bf16), load_state_dict(fp32)
+    s16, s32 = ck.engine_tensors(bf16), ck.engine_tensors(fp32)
     assert {t.dtype for t in s16.values()} == {torch.bfloat16}
     for name in s32:  # merged in float32, rounded once: exactly the float32 result rounded
         assert torch.equal(s16[name], s32[name].to(torch.bfloat16)), name
@@ -167,7 +167,7 @@ def test_default_dtype_is_the_sources(tmp_path):
     src = ck.tiny("qwen2", dtype=torch.bfloat16, seed=10)
     out = convert(src, tmp_path / "engine", quiet=True)
     assert EngineConfig.read(out).dtype == "bfloat16"
-    assert {t.dtype for t in load_state_dict(out).values()} == {torch.bfloat16}
+    assert {t.dtype for t in ck.engine_tensors(out).values()} == {torch.bfloat16}
     cfg = EngineConfig.read(convert(src, tmp_path / "f16", dtype=torch.float16, quiet=True))
     assert cfg.dtype == "float16"
 
@@ -187,7 +187,7 @@ def test_layout_determinism_and_sources(tmp_path):
     assert index["weight_map"]["embed.weight"] == shards[0]
     assert all(index["weight_map"][f"layers.{i}.qkv.weight"] == shards[i + 1] for i in range(n))
     assert index["weight_map"]["norm"] == shards[-1]
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_state_dict(a).values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ck.engine_tensors(a).values())
 
     # Byte-identical weights and index.
     for name in [*shards, WEIGHTS_INDEX, ENGINE_CONFIG]:

@@ -75,8 +75,11 @@ def test_bad_options(engine, engine_dir):
 def test_not_an_engine_directory(tmp_path):
     with pytest.raises(FormatError, match="engine_config.json"):
         Engine.from_pretrained(tmp_path)
-    with pytest.raises(FormatError, match="not a directory"):
+    with pytest.raises(FormatError, match="no such directory"):
         Engine.from_pretrained(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FormatError, match="not a directory"):
+        Engine.from_pretrained(tmp_path / "file")
 
 
 def test_dtype_none_keeps_the_stored_dtype(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 
 from converters.tiny_models import train_tokenizer
 from engine.batch import pack
-from engine.inputs import Example, parse_inputs, pooling_spans, tokenize
+from engine.inputs import Example, parse_inputs, pooling_plan, tokenize, tokenizer_rules
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -41,13 +41,17 @@ def test_a_bare_string_is_not_a_batch():
         parse_inputs("a sentence")
 
 
+def rules(tokenizer, max_length, **kwargs):
+    return tokenizer_rules(tokenizer, max_length, len(tokenizer), **kwargs)
+
+
 def _decoded_pool(tokenizer, tok):
     return tokenizer.decode(tok.input_ids[tok.pool_start : tok.pool_end])
 
 
 def test_pooled_span_covers_exactly_the_text(tokenizer):
     examples = parse_inputs([("Retrieve a passage that answers", "the quick brown fox"), "the quick brown fox"])
-    with_instr, plain = tokenize(tokenizer, examples, max_length=64)
+    with_instr, plain = tokenize(tokenizer, examples, rules(tokenizer, 64))
     # The instruction's tokens come first and are skipped; the text's tokens are all pooled.
     assert _decoded_pool(tokenizer, with_instr).strip() == "the quick brown fox"
     assert _decoded_pool(tokenizer, plain).strip() == "the quick brown fox"
@@ -59,31 +63,31 @@ def test_pooled_span_covers_exactly_the_text(tokenizer):
 
 def test_truncation_keeps_max_length_tokens(tokenizer):
     long_text = " ".join(["mountain river"] * 100)
-    (tok,) = tokenize(tokenizer, [Example("", long_text)], max_length=9)
+    (tok,) = tokenize(tokenizer, [Example("", long_text)], rules(tokenizer, 9))
     assert len(tok.input_ids) == 9 and tok.pool_end == 9
 
 
 def test_instruction_filling_max_length_is_an_error(tokenizer):
     examples = parse_inputs(["fine", (" ".join(["retrieve relevant passage"] * 20), "text")])
     with pytest.raises(ValueError, match="input 1: no token of its text"):
-        tokenize(tokenizer, examples, max_length=8)
+        tokenize(tokenizer, examples, rules(tokenizer, 8))
     # Last-token and BOS pooling do not read the text's span, so they accept it.
-    assert len(tokenize(tokenizer, examples, max_length=8, require_text=False)) == 2
+    assert len(tokenize(tokenizer, examples, rules(tokenizer, 8), require_text=False)) == 2
 
 
 def test_pooling_spans_are_offset_into_the_packed_batch(tokenizer):
     examples = parse_inputs([("Find the answer", "river"), "kernel memory fast"])
-    toks = tokenize(tokenizer, examples, max_length=32)
+    toks = tokenize(tokenizer, examples, rules(tokenizer, 32))
     batch = pack([t.input_ids for t in toks])
     first = len(toks[0].input_ids)
-    starts, ends, mode = pooling_spans(toks, batch, "mean")
-    assert mode == "mean"
-    assert starts.tolist() == [toks[0].pool_start, first + toks[1].pool_start]
-    assert ends.tolist() == [toks[0].pool_end, first + toks[1].pool_end]
-    starts, ends, mode = pooling_spans(toks, batch, "last_token")
-    assert (mode, starts.tolist(), ends.tolist()) == ("last", [0, first], [first, batch.num_tokens])
-    starts, ends, mode = pooling_spans(toks, batch, "bos_token")
-    assert mode == "first" and starts.tolist() == [0, first]
+    plan = pooling_plan(toks, batch, "mean")
+    assert plan.mode == "mean" and plan.weights is None
+    assert plan.starts.tolist() == [toks[0].pool_start, first + toks[1].pool_start]
+    assert plan.ends.tolist() == [toks[0].pool_end, first + toks[1].pool_end]
+    plan = pooling_plan(toks, batch, "last_token")
+    assert (plan.mode, plan.starts.tolist(), plan.ends.tolist()) == ("last", [0, first], [first, batch.num_tokens])
+    plan = pooling_plan(toks, batch, "bos_token")
+    assert plan.mode == "first" and plan.starts.tolist() == [0, first]
 
 
 def test_pack_restarts_positions_per_sequence():

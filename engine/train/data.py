@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..inputs import Example, TokenizedExample, tokenize
+from ..inputs import Example, TokenizedExample, tokenize, tokenizer_rules
 from .config import TrainError
 
 IGNORE_INDEX = -100
@@ -124,7 +124,12 @@ def mntp_chunks(tokenizer: Any, texts: Sequence[str], max_seq_length: int) -> li
 
 def text_examples(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[TokenizedExample]:
     """SimCSE sentences, tokenised by the rules ``Engine.encode`` uses (no instruction)."""
-    return tokenize(tokenizer, [Example("", t) for t in texts], max_length)
+    return _tokenize(tokenizer, [Example("", t) for t in texts], max_length)
+
+
+def _tokenize(tokenizer: Any, examples: list[Example], max_length: int) -> list[TokenizedExample]:
+    """``Engine.encode``'s tokenisation and pooled tokens (the LLM2Vec rule) for training examples."""
+    return tokenize(tokenizer, examples, tokenizer_rules(tokenizer, max_length, len(tokenizer)))
 
 
 @dataclass(frozen=True)
@@ -137,21 +142,21 @@ class TokenizedPair:
 def pair_examples(tokenizer: Any, pairs: Sequence[Pair], max_length: int, path: str = "") -> list[TokenizedPair]:
     """Supervised pairs tokenised by the ``Engine.encode`` rules: the query after its instruction
     (pooled over the query only), positives and negatives without instruction."""
-    queries = [Example(p.instruction, p.query) for p in pairs]
+    queries = [Example.pair(p.instruction, p.query) for p in pairs]
     try:
-        q = tokenize(tokenizer, queries, max_length)
+        q = _tokenize(tokenizer, queries, max_length)
     except ValueError:
         for pair, example in zip(pairs, queries):  # find the line that failed
             try:
-                tokenize(tokenizer, [example], max_length)
+                _tokenize(tokenizer, [example], max_length)
             except ValueError:
                 raise DataError(
                     f"{path}:{pair.line}: the instruction leaves no query token within max_seq_length={max_length}"
                 ) from None
         raise
-    pos = tokenize(tokenizer, [Example("", p.positive) for p in pairs], max_length)
+    pos = _tokenize(tokenizer, [Example("", p.positive) for p in pairs], max_length)
     with_neg = [i for i, p in enumerate(pairs) if p.negative is not None]
-    neg_tok = tokenize(tokenizer, [Example("", pairs[i].negative) for i in with_neg], max_length)
+    neg_tok = _tokenize(tokenizer, [Example("", pairs[i].negative) for i in with_neg], max_length)
     neg: list[TokenizedExample | None] = [None] * len(pairs)
     for i, t in zip(with_neg, neg_tok):
         neg[i] = t

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from ..batch import pack
 from ..config import ConfigError, ModelConfig
-from ..format import EngineConfig, load_state_dict
 from ..model import EncoderModel
 from . import distributed
 from .config import TrainConfig, TrainError
@@ -298,13 +297,7 @@ def _load_base(cfg: TrainConfig, ctx: distributed.Context, src: Path, out: Path,
     try:
         if error is not None:
             raise TrainError(error)
-        engine_dir = path / "engine"
-        ecfg = EngineConfig.read(engine_dir)
-        state = load_state_dict(engine_dir, ctx.device, dtype)
-        with torch.device("meta"):
-            model = EncoderModel(ecfg.model, with_lm_head=ecfg.has_lm_head)
-        model.load_state_dict(state, assign=True)
-        model.to(device=ctx.device, dtype=dtype)  # also recomputes the rotary frequencies off the meta device
+        model = EncoderModel.from_engine_dir(path / "engine", ctx.device, dtype)
         distributed.barrier(ctx)
     finally:
         if ctx.is_main and path is not None:

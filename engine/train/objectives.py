@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import PackedBatch, pack
-from ..inputs import TokenizedExample, pooling_spans
+from ..inputs import TokenizedExample, pooling_plan
 from ..model import EncoderModel
 from .data import IGNORE_INDEX
 
@@ -60,8 +60,7 @@ def embed(model: EncoderModel, items: Sequence[TokenizedExample], pooling: str =
     and the backend's ``pool``), through autograd."""
     batch = pack([t.input_ids for t in items], model.embed.weight.device)
     hidden = model(batch, dropout_p)
-    starts, ends, mode = pooling_spans(list(items), batch, pooling)
-    return model.ops.pool(hidden, starts, ends, mode, False)
+    return model.ops.pool(hidden, pooling_plan(list(items), batch, pooling), False)
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

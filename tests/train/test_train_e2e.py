@@ -103,7 +103,6 @@ def test_saved_adapter_is_the_one_trained(llama, tmp_path):
     """The engine model with LoRA (as trained) embeds like Engine.encode after converting with the saved
     adapter: the fused-row slices are saved under the right projection names (k and v have the same
     shape here, so only this test would notice them swapped), and training pools as encode does."""
-    from engine.inputs import parse_inputs, tokenize
     from engine.train.config import LORA_TARGETS
     from engine.train.lora import apply_lora, save_adapter
     from engine.train.objectives import embed
@@ -120,7 +119,7 @@ def test_saved_adapter_is_the_one_trained(llama, tmp_path):
     adapter = save_adapter(model, tmp_path / "adapter", r=4, alpha=8, dropout=0.0, targets=list(LORA_TARGETS),
                            layout="causal_lm", base_model=str(llama))
     with torch.no_grad():
-        expected = embed(model, tokenize(base.tokenizer, parse_inputs(INPUTS), MAX_LENGTH))
+        expected = embed(model, base.tokenize(INPUTS))
     merged = Engine.from_pretrained(convert(llama, tmp_path / "merged", loras=[adapter], dtype="float32", quiet=True),
                                     max_length=MAX_LENGTH)
     actual = merged.encode(INPUTS)

@@ -67,9 +67,9 @@ def _rotary64(q, k, cos, sin):
     return rotate(q), rotate(k)
 
 
-def _pool64(hidden, starts, ends, mode="mean", normalize=False):
-    assert mode == "mean" and not normalize
-    return torch.stack([hidden[s:e].mean(0) for s, e in zip(starts.tolist(), ends.tolist())])
+def _pool64(hidden, plan, normalize=False):
+    assert plan.mode == "mean" and plan.weights is None and not normalize
+    return torch.stack([hidden[s:e].mean(0) for s, e in zip(plan.starts.tolist(), plan.ends.tolist())])
 
 
 # The reference ops compute norms, rotary and pooling in float32 by design; for a float64 gradcheck the
