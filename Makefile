@@ -7,7 +7,7 @@ PYTHON ?= python3
 # installs without pulling several GB of CUDA packages.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test,train]"
+	$(PYTHON) -m pip install -e ".[test,train,server,distributed]"
 
 demo: install
 	$(PYTHON) -m engine.demo
