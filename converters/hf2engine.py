@@ -8,16 +8,18 @@ Streaming: every input is validated from its safetensors header first (names, sh
 adapter fit), then each layer's tensors are read memory-mapped, fused (q/k/v, gate/up), merged with
 the adapters in float32, cast once to the output dtype, written as their own shard and freed; peak
 memory stays near one layer. The output is assembled in a temporary directory beside OUT and renamed
-into place only when complete; an existing OUT is replaced only with ``force`` and only then.
+into place only when complete; an existing OUT is replaced only with ``force`` and only then, and
+never when it is, or contains, SRC or an adapter (see ``converters.safety``). Every tensor read is
+checked for NaN and Inf, and the tokenizer against the vocabulary, before anything is installed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +33,35 @@ from engine.config import ConfigError, ModelConfig
 from engine.format import DTYPES, ENCODE_POOLING, ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, FormatError, shard_metadata
 
 from .lora import LLM2VEC_CONFIG, Adapter, merge, pooling_defaults
-from .sources import Checkpoint, ConversionError, TensorInfo, error_line, file_hashes, read_json, sha256_file
+from .safety import (
+    MARKER,
+    deferred_interrupts,
+    disk_full_line,
+    exit_code,
+    follow_umask,
+    is_disk_full,
+    make_temp_dir,
+    overlapping_input,
+    remove_owned,
+    resolve_path,
+    signal_name,
+    signals_interrupt,
+    sweep,
+    unused_name,
+    write_marker,
+)
+from .sources import (
+    Checkpoint,
+    ConversionError,
+    TensorInfo,
+    all_finite,
+    check_layer_count,
+    check_tokenizer,
+    error_line,
+    file_hashes,
+    read_json,
+    sha256_file,
+)
 
 __all__ = ["ConversionError", "convert", "main"]
 
@@ -95,14 +125,20 @@ def convert(
     if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
         raise ConversionError(f"max_length {max_length!r} is not a positive integer")
 
-    out_path = Path(out).expanduser().absolute()
+    out_path = resolve_path(out)
+    clash = overlapping_input(out_path, [src, *loras])
+    if clash is not None:
+        raise ConversionError(f"{out_path}: OUT would replace the input {clash} (OUT is, or contains, it)")
+    sweep(out_path.parent, [out_path.name], kinds=("tmp", "old"))  # what a killed conversion left
     _check_out(out_path, force)
     ckpt = Checkpoint.open(src)
     try:
         cfg = ModelConfig.from_hf(ckpt.config)
     except ConfigError as exc:
         raise ConversionError(f"{ckpt.path / 'config.json'}: {exc}") from None
+    check_layer_count(ckpt, cfg.num_layers)
     plan = _plan(ckpt, cfg, keep_lm_head)
+    check_tokenizer(ckpt, cfg.vocab_size)
     adapters = [Adapter.open(p) for p in loras]
     proj_shapes = {
         "q_proj": (cfg.q_size, cfg.hidden_size),
@@ -115,9 +151,7 @@ def convert(
     }
     for adapter in adapters:
         adapter.check_against(cfg.num_layers, proj_shapes)
-    for path in [ckpt.path, *(a.path for a in adapters)]:
-        if out_path == path or out_path in path.parents:
-            raise ConversionError(f"{out_path}: OUT would replace the input {path}")
+        adapter.check_family(cfg.family, ckpt.path)
     if dtype_name is None:
         dtype_name = _source_dtype(ckpt, plan)
     defaults = _pooling_defaults(ckpt, adapters)
@@ -127,7 +161,7 @@ def convert(
     created = _make_parents(out_path.parent)
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+        tmp = make_temp_dir(out_path.parent, out_path.name)
         sources = {
             "checkpoint": {"path": str(ckpt.path), "files": file_hashes(ckpt.input_files(), ckpt.path)},
             "adapters": [a.source_record() for a in adapters],
@@ -146,16 +180,24 @@ def convert(
         (tmp / ENGINE_CONFIG).write_text(engine_config.to_json())
         _install(tmp, out_path, force)
         tmp = None
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for d in reversed(created):
-            try:
-                d.rmdir()
-            except OSError:
-                break
+    except BaseException as exc:
+        with deferred_interrupts():  # a second Ctrl-C must not stop the clean-up halfway
+            if tmp is not None:
+                remove_owned(tmp)
+            for d in reversed(created):
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise ConversionError(disk_full_line(out_path, _output_bytes(plan, DTYPES[dtype_name]))) from None
         raise
     return out_path
+
+
+def _output_bytes(plan: _Plan, dtype: torch.dtype) -> int:
+    """What the weights of OUT take, for the full-disk message."""
+    return sum(math.prod(shape) for shape in plan.shapes.values()) * dtype.itemsize
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
@@ -287,6 +329,22 @@ def _read(infos: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
                     out[name] = f.get_tensor(name)
         except Exception as exc:  # SafetensorError, OSError: a file damaged since its header was read
             raise ConversionError(f"{file}: truncated or corrupt ({exc})") from None
+        for name in names:
+            if not all_finite(out[name]):
+                raise ConversionError(f"{file}: tensor {name!r} holds NaN or Inf values")
+    return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, info: TensorInfo, merged: bool = False) -> torch.Tensor:
+    """``t`` in the output dtype; refused when that (or the merge) leaves the dtype's finite range
+    (a bfloat16 weight of 1e5 is inf in float16). The source was already checked finite."""
+    out = t.to(dtype)
+    if (merged or out.dtype != t.dtype) and not all_finite(out):
+        what = "with the adapters merged " if merged else ""
+        raise ConversionError(
+            f"{info.file}: tensor {name!r} {what}has values beyond the range of {str(dtype).removeprefix('torch.')}; "
+            "convert with --dtype float32 or bfloat16"
+        )
     return out
 
 
@@ -306,6 +364,7 @@ def _write_weights(
         file = f"weights-{k:05d}.safetensors"
         tensors = {name: t.contiguous() for name, t in tensors.items()}
         save_file(tensors, str(tmp / file), metadata=metadata)
+        follow_umask(tmp / file)
         shard_sha256[file] = sha256_file(tmp / file)
         for name, t in tensors.items():
             weight_map[name] = file
@@ -314,7 +373,8 @@ def _write_weights(
     bar = tqdm(total=n_shards, desc=PROG, unit="shard", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     try:
         src = _read({f"{p}embed_tokens.weight": ckpt.tensors[f"{p}embed_tokens.weight"]})
-        write(1, {"embed.weight": src.pop(f"{p}embed_tokens.weight").to(dtype)})
+        name = f"{p}embed_tokens.weight"
+        write(1, {"embed.weight": _cast(src.pop(name), dtype, name, ckpt.tensors[name])})
         bar.update()
         for i in range(cfg.num_layers):
             fusions = plan.layer_sources(i)
@@ -329,9 +389,10 @@ def _write_weights(
                 for name in parts:
                     t = src.pop(name)
                     proj = name.rsplit(".", 2)[-2]
-                    if name.endswith(".weight") and proj in deltas:
+                    merged = name.endswith(".weight") and proj in deltas
+                    if merged:
                         t = merge(t, deltas.pop(proj))  # float32; cast once below
-                    pieces.append(t.to(dtype))
+                    pieces.append(_cast(t, dtype, name, ckpt.tensors[name], merged))
                     del t
                 tensors[engine_name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
                 del pieces
@@ -343,9 +404,9 @@ def _write_weights(
         if plan.keep_lm_head:
             last["lm_head.weight"] = ckpt.tensors["lm_head.weight"]
         src = _read(last)
-        tensors = {"norm": src.pop(f"{p}norm.weight").to(dtype)}
+        tensors = {"norm": _cast(src.pop(f"{p}norm.weight"), dtype, f"{p}norm.weight", last[f"{p}norm.weight"])}
         if plan.keep_lm_head:
-            tensors["lm_head.weight"] = src.pop("lm_head.weight").to(dtype)
+            tensors["lm_head.weight"] = _cast(src.pop("lm_head.weight"), dtype, "lm_head.weight", last["lm_head.weight"])
         write(n_shards, tensors)
         bar.update()
     finally:
@@ -370,21 +431,49 @@ def _make_parents(parent: Path) -> list[Path]:
 
 def _install(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished ``tmp`` to ``out``; an existing ``out`` (``force``) is moved aside first and
-    deleted only once the new one is in place."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
-        return
-    if not force:  # appeared while we were converting
-        raise ConversionError(f"{out}: already exists; pass --force to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    deleted only once the new one is in place.
+
+    A signal arriving during the swap is held until it is over, and then the swap is undone first,
+    so an interrupted conversion leaves the old ``out`` as it was. A SIGKILL at any point leaves
+    marked directories that the next conversion to ``out`` sweeps (or moves back, see ``sweep``).
+    """
+    old, marked = None, False
+    with deferred_interrupts() as interrupted:
+        if out.exists() or out.is_symlink():
+            if not force:  # appeared while we were converting
+                raise ConversionError(f"{out}: already exists; pass --force to replace it")
+            old = unused_name(out.parent, out.name, "old")
+            try:  # the marker travels with the rename: the moved-aside directory is then ours to sweep
+                write_marker(out, "old")
+                marked = True
+            except OSError:
+                pass  # a read-only OUT: replaced all the same, only a SIGKILL leftover stays unswept
+            try:
+                os.rename(out, old)
+            except BaseException:
+                _unmark(out, marked)
+                raise
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)
+                _unmark(out, marked)
+            raise
+        if interrupted():
+            os.rename(out, tmp)
+            if old is not None:
+                os.rename(old, out)
+                _unmark(out, marked)
+            return  # the held signal is raised on leaving the block; the caller removes tmp
+        _unmark(out, True)  # tmp's own marker
+    if old is not None:
+        remove_owned(old)
+
+
+def _unmark(directory: Path, marked: bool) -> None:
+    if marked:
+        (directory / MARKER).unlink(missing_ok=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -411,23 +500,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed usage / help
         return int(exc.code or 0)
     try:
-        out = convert(
-            args.src,
+        with signals_interrupt():
+            out = convert(
+                args.src,
             args.out,
-            loras=args.lora,
-            dtype=args.dtype,
-            pooling=args.pooling,
-            max_length=args.max_length,
-            force=args.force,
-            quiet=args.quiet,
-            keep_lm_head=args.keep_lm_head,
-        )
+                loras=args.lora,
+                dtype=args.dtype,
+                pooling=args.pooling,
+                max_length=args.max_length,
+                force=args.force,
+                quiet=args.quiet,
+                keep_lm_head=args.keep_lm_head,
+            )
     except (ConversionError, ConfigError, FormatError, OSError) as exc:
         print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{PROG}: interrupted by {signal_name(exc)}; nothing written", file=sys.stderr)
+        return exit_code(exc)
     if not args.quiet:
         print(f"{PROG}: wrote {out}", file=sys.stderr)
     return 0

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .sources import PICKLE_SUFFIXES, ConversionError, TensorInfo, file_hashes, read_header, read_json
+from engine.config import _CLASS_PREFIXES
+
+from .sources import CONFIG_FILE, PICKLE_SUFFIXES, ConversionError, TensorInfo, all_finite, file_hashes, read_header, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -41,6 +43,10 @@ LLM2VEC_POOLING = {
     "last_token": "last_token",
     "bos_token": "bos_token",
 }
+# What follows a family's class-name prefix in transformers' classes and LLM2Vec's bidirectional ones
+# (MistralBiModel, LlamaBiForMNTP): "Qwen2MoeForCausalLM" is not Qwen2.
+_CLASS_SUFFIXES = ("ForCausalLM", "Model", "PreTrainedModel", "BiModel", "BiForMNTP", "ForSequenceClassification",
+                   "ForTokenClassification", "ForQuestionAnswering")
 # Base-weight-modifying initialisations: the adapter only makes sense on a base we do not have.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # adapter keys: optional "model." (CausalLM), layer, block, projection, A/B, optional adapter name.
@@ -123,10 +129,44 @@ class Adapter:
         if not wanted:
             return {}
         out = {}
-        with _open(self.path / ADAPTER_WEIGHTS) as f:
+        file = self.path / ADAPTER_WEIGHTS
+        with _open(file) as f:
             for m in wanted:
-                out[m.proj] = (f.get_tensor(m.a_key).float(), f.get_tensor(m.b_key).float(), m.scale)
+                a, b = f.get_tensor(m.a_key), f.get_tensor(m.b_key)
+                for key, t in ((m.a_key, a), (m.b_key, b)):
+                    if not all_finite(t):
+                        raise ConversionError(f"{file}: tensor {key!r} holds NaN or Inf values")
+                out[m.proj] = (a.float(), b.float(), m.scale)
         return out
+
+    def check_family(self, family: str, src: Path) -> None:
+        """Refuse an adapter whose recorded base is clearly of another family than ``family`` (SRC's):
+        equal shapes do not make a Mistral adapter fit a Llama. ``auto_mapping.base_model_class`` (peft
+        writes it; LLM2Vec's ``MistralBiModel``) and a local ``base_model_name_or_path`` with a
+        config.json are read; a hub id or an unknown class proves nothing and is let through."""
+        where = self.path / ADAPTER_CONFIG
+        claims = []
+        mapping = self.config.get("auto_mapping")
+        if isinstance(mapping, dict) and isinstance(mapping.get("base_model_class"), str):
+            cls = mapping["base_model_class"]
+            claims.append((f"auto_mapping.base_model_class {cls!r}", family_of_class(cls)))
+        base = self.config.get("base_model_name_or_path")
+        if isinstance(base, str) and base:
+            local = Path(base).expanduser()
+            try:
+                is_model_dir = (local / CONFIG_FILE).is_file() and local.resolve() != src.resolve()
+            except OSError:
+                is_model_dir = False
+            if is_model_dir:
+                try:
+                    claims.append((f"base_model_name_or_path {base!r}", family_of_config(read_json(local / CONFIG_FILE))))
+                except ConversionError:
+                    pass  # an unreadable base config proves nothing either way
+        for what, claimed in claims:
+            if claimed is not None and claimed != family:
+                raise ConversionError(
+                    f"{where}: adapter made for another model family: {what} is {claimed}, SRC ({src}) is {family}"
+                )
 
     def source_record(self) -> dict[str, Any]:
         files = [self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS]
@@ -167,6 +207,35 @@ def pooling_defaults(llm2vec: dict[str, Any], where: Path) -> dict[str, Any]:
     return out
 
 
+def family_of_class(name: str) -> str | None:
+    """The model family (transformers' ``model_type``) of a model class name, or None if unknown."""
+    for prefix in sorted(_CLASS_PREFIXES.values(), key=len, reverse=True):
+        if name.startswith(prefix) and name[len(prefix) :] in _CLASS_SUFFIXES:
+            return next(f for f, p in _CLASS_PREFIXES.items() if p == prefix)
+    try:  # another transformers architecture (a Phi adapter on a Llama): its model_type
+        from transformers.models.auto import modeling_auto
+    except Exception:  # transformers missing or broken: cannot tell
+        return None
+    for mapping in (modeling_auto.MODEL_MAPPING_NAMES, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        for model_type, classes in mapping.items():
+            if name == classes or (isinstance(classes, (list, tuple)) and name in classes):
+                return model_type
+    return None
+
+
+def family_of_config(config: Any) -> str | None:
+    """The family a Hugging Face config.json describes (its first architecture, else model_type)."""
+    if not isinstance(config, dict):
+        return None
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        found = family_of_class(architectures[0])
+        if found is not None:
+            return found
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) and model_type else None
+
+
 def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
@@ -199,6 +268,7 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
     for bad, message in refusals:
         if bad:
             raise ConversionError(f"{where}: {message}")
+    _check_types(where, config)
     targets = config.get("target_modules")
     if isinstance(targets, (list, tuple)):
         names = [t.rsplit(".", 1)[-1] for t in targets]
@@ -210,6 +280,50 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
             raise ConversionError(
                 f"{where}: target modules {other} are not supported; supported: {', '.join(LORA_MODULES)}"
             )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _regex(where: Path, field: str, pattern: str, as_suffix: bool = False) -> None:
+    """``pattern`` compiles as peft uses it (whole, or as a module-name suffix in rank/alpha patterns)."""
+    try:
+        re.compile(rf"(.*\.)?({pattern})$" if as_suffix else pattern)
+    except re.error as exc:
+        raise ConversionError(f"{where}: {field}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _check_types(where: Path, config: dict[str, Any]) -> None:
+    """The fields the merge reads, each of the type and range peft gives it, refused by name otherwise."""
+    r = config.get("r")
+    if not _is_int(r) or r < 1:
+        raise ConversionError(f"{where}: r must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha")
+    if not _is_finite(alpha):
+        raise ConversionError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ConversionError(f"{where}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    for field, valid, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+                               ("alpha_pattern", _is_finite, "a finite number")):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise ConversionError(f"{where}: {field} must be a JSON object of module pattern -> value, got {patterns!r}")
+        for key, value in patterns.items():
+            _regex(where, field, key, as_suffix=True)
+            if not valid(value):
+                raise ConversionError(f"{where}: {field}[{key!r}] must be {what}, got {value!r}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _regex(where, "target_modules", targets)
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets)):
+        raise ConversionError(f"{where}: target_modules must be a list of module names or a regular expression, got {targets!r}")
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -265,8 +379,6 @@ def _modules(path: Path, config: dict[str, Any], header: dict[str, TensorInfo]) 
         if r_config != r:
             raise ConversionError(f"{weights}: {a_key} has rank {r} but adapter_config.json says r={r_config}")
         alpha = _pattern_value(alpha_pattern, module, config.get("lora_alpha"))
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise ConversionError(f"{path / ADAPTER_CONFIG}: lora_alpha {alpha!r} is not a number")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[(layer, proj)] = LoraModule(layer, proj, a, b, a_key, b_key, r, float(alpha), scale)
     return modules

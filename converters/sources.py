@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,10 +150,10 @@ class Checkpoint:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConversionError(f"{index_file}: no weight_map")
+            for tensor, name in weight_map.items():
+                if not isinstance(name, str) or not name or Path(name).name != name:
+                    raise ConversionError(f"{index_file}: weight_map[{tensor!r}]: invalid shard name {name!r}")
             names = sorted(set(weight_map.values()))
-            for name in names:
-                if not isinstance(name, str) or Path(name).name != name:
-                    raise ConversionError(f"{index_file}: invalid shard name {name!r}")
             files = [path / name for name in names]
             for file in files:
                 if not file.is_file():
@@ -218,3 +219,71 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def file_hashes(files: Iterable[Path], root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(files)}
+
+
+_LAYER_NAME = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+_FINITE_CHUNK = 1 << 24  # elements per isfinite pass: bounded scratch memory for any tensor size
+
+
+def check_layer_count(ckpt: Checkpoint, num_layers: int) -> None:
+    """Refuse a config.json whose ``num_hidden_layers`` is not what the weights hold, before any
+    per-layer table is sized from it (a hostile config cannot make us allocate)."""
+    present = {int(m[1]) for name in ckpt.tensors if (m := _LAYER_NAME.match(name))}
+    held = max(present) + 1 if present else 0
+    if held != num_layers:
+        raise ConversionError(
+            f"{ckpt.path / CONFIG_FILE}: num_hidden_layers={num_layers} but the weights hold "
+            f"{held} layer{'s' if held != 1 else ''}"
+        )
+    missing = sorted(set(range(num_layers)) - present)
+    if missing:
+        raise ConversionError(f"{ckpt.path}: the weights have no tensors for layer {missing[0]} (of {num_layers})")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t`` (checked in chunks, so scratch memory stays small for a huge tensor)."""
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(_FINITE_CHUNK))
+
+
+def check_tokenizer(ckpt: Checkpoint, vocab_size: int) -> None:
+    """``tokenizer.json`` must parse, and no token id (its vocabulary and added tokens, and those of
+    ``tokenizer_config.json`` / ``added_tokens.json``, which transformers adds too) may reach
+    ``vocab_size``: such a token has no embedding row, and would fail or read garbage at encode."""
+    from tokenizers import Tokenizer
+
+    file = ckpt.path / "tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises its own exception types for a damaged file
+        raise ConversionError(f"{file}: cannot be parsed as a tokenizer ({' '.join(str(exc).split())[:200]})") from None
+    ids: dict[int, tuple[str, Path]] = {i: (t, file) for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    config = ckpt.path / "tokenizer_config.json"
+    if config.is_file():
+        data = read_json(config)
+        decoder = data.get("added_tokens_decoder") if isinstance(data, dict) else None
+        if decoder is not None and not isinstance(decoder, dict):
+            raise ConversionError(f"{config}: added_tokens_decoder: expected a JSON object, got {type(decoder).__name__}")
+        for key, entry in (decoder or {}).items():
+            if not key.isdigit():
+                raise ConversionError(f"{config}: added_tokens_decoder: token id {key!r} is not a non-negative integer")
+            content = entry.get("content") if isinstance(entry, dict) else None
+            ids.setdefault(int(key), (str(content), config))
+    added = ckpt.path / "added_tokens.json"
+    if added.is_file():
+        data = read_json(added)
+        if not isinstance(data, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data.values()):
+            raise ConversionError(f"{added}: expected a JSON object of token -> non-negative id")
+        for token, i in data.items():
+            ids.setdefault(i, (token, added))
+    if not ids:
+        raise ConversionError(f"{file}: the tokenizer has no tokens")
+    top = max(ids)
+    if top >= vocab_size:
+        token, where = ids[top]
+        raise ConversionError(
+            f"{where}: token id {top} ({token!r}) is outside the model's vocabulary of {vocab_size} "
+            "(config.json vocab_size)"
+        )

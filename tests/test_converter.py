@@ -262,3 +262,19 @@ def test_streaming_peak_memory_stays_near_one_layer(tmp_path):
     assert (tmp_path / "out" / "weights-00018.safetensors").is_file()
     # Whole-model loading would need >= model_bytes; streaming needs a few layers' worth.
     assert used < model_bytes / 3, f"peak RSS grew by {used / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
+
+
+@pytest.mark.parametrize("umask, dirs, files", [(0o002, 0o775, 0o664), (0o027, 0o750, 0o640)])
+def test_output_follows_the_umask(tmp_path, umask, dirs, files):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        out = convert(ck.tiny("llama"), tmp_path / "new" / "engine", quiet=True)
+    finally:
+        os.umask(previous)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) > 5
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {files}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (out, out.parent)} == {dirs}

@@ -2,17 +2,24 @@
 no temporary directory left behind, and an existing OUT untouched (unless --force and success)."""
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import _checkpoints as ck
-from converters import hf2engine
+from converters import hf2engine, safety
 from converters.hf2engine import ConversionError, convert, main
 from engine.format import ENGINE_CONFIG, EngineConfig
 
@@ -247,6 +254,20 @@ def test_lm_head_lora_found_by_key_with_regex_targets(capsys, tmp_path):
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
         ({"target_modules": ["q_proj", "rotary_emb"]}, "target modules ['rotary_emb'] are not supported"),
         ({"r": 16}, "has rank 4 but adapter_config.json says r=16"),
+        # Nonsensical numbers and wrong shapes, named by field (a traceback or a silent merge before).
+        ({"r": 0}, "r must be a positive integer, got 0"),
+        ({"r": "4"}, "r must be a positive integer, got '4'"),
+        ({"lora_alpha": math.nan}, "lora_alpha must be a finite number, got nan"),
+        ({"lora_alpha": math.inf}, "lora_alpha must be a finite number, got inf"),
+        ({"lora_alpha": "8"}, "lora_alpha must be a finite number"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+        ({"rank_pattern": ["down_proj"]}, "rank_pattern must be a JSON object"),
+        ({"rank_pattern": {"down_(proj": 2}}, "rank_pattern: 'down_(proj' is not a valid regular expression"),
+        ({"rank_pattern": {"down_proj": 0}}, "rank_pattern['down_proj'] must be a positive integer"),
+        ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern['q_proj'] must be a finite number"),
+        ({"target_modules": 5}, "target_modules must be a list of module names or a regular expression"),
+        ({"target_modules": [1, "q_proj"]}, "target_modules must be a list"),
+        ({"target_modules": "(q_proj"}, "target_modules: '(q_proj' is not a valid regular expression"),
     ],
 )
 def test_adapter_config_features_refused_by_name(capsys, tmp_path, lora_copy, edit, match):
@@ -280,27 +301,28 @@ def test_out_may_not_replace_its_input(capsys, tmp_path, src):
     _check_failure(rc, capsys.readouterr().err, "would replace the input", tmp_path, src, before)
 
 
-def test_failure_while_writing_cleans_up(monkeypatch, tmp_path):
+def _disk_full_on_call(n, real):
+    """A writer that fails from its ``n``-th call on as a full disk does (with the error each library raises)."""
     calls = []
 
-    def failing_save(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device", path)
-        save_file(tensors, path, metadata=metadata)
+    def write(*args, **kwargs):
+        calls.append(args)
+        if len(calls) >= n:
+            if real is save_file:  # safetensors wraps the OS error in its own exception
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf2engine, "save_file", failing_save)
-    out = tmp_path / "out"
-    with pytest.raises(OSError):
-        convert(ck.tiny("llama"), out, quiet=True)
-    assert not out.exists() and ck.leftovers(tmp_path) == []
-    out.mkdir()
-    (out / "keep.txt").write_text("existing")
-    before = ck.tree_snapshot(out)
-    calls.clear()
-    with pytest.raises(OSError):
-        convert(ck.tiny("llama"), out, quiet=True, force=True)
-    assert ck.tree_snapshot(out) == before and ck.leftovers(tmp_path) == []
+    return write
+
+
+@pytest.mark.parametrize("where", ["shard", "tokenizer copy"])
+def test_disk_full_is_one_line_and_leaves_nothing(monkeypatch, capsys, tmp_path, where):
+    if where == "shard":
+        monkeypatch.setattr(hf2engine, "save_file", _disk_full_on_call(3, save_file))
+    else:
+        monkeypatch.setattr(hf2engine.shutil, "copyfile", _disk_full_on_call(1, shutil.copyfile))
+    _fails(capsys, [ck.tiny("llama")], "no space left on device writing", tmp_path / "out")
 
 
 def test_force_replaces_existing_out(capsys, tmp_path):
@@ -327,3 +349,224 @@ def test_convert_raises_conversion_error(tmp_path):
     with pytest.raises(ConversionError, match="max_length"):
         convert(ck.tiny("llama"), tmp_path / "out", max_length=0)
     assert not (tmp_path / "out").exists()
+
+
+
+# --- --force never replaces an input, however OUT is spelled -------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["x/../SRC", "SRC/../SRC", "relative SRC", "parent of SRC", "symlinked parent",
+                                      "adapter via ..", "parent of the adapter"])
+def test_force_never_replaces_an_input(capsys, tmp_path, monkeypatch, spelling):
+    models, adapters = tmp_path / "models", tmp_path / "adapters"
+    models.mkdir()
+    adapters.mkdir()
+    src = ck.copy_tree(ck.tiny("llama"), models / "src")
+    lora = ck.copy_tree(ck.adapter(ck.tiny("llama"), seed=1), adapters / "lora")
+    (models / "x").mkdir()
+    (tmp_path / "link").symlink_to(models)
+    monkeypatch.chdir(models)
+    out = {
+        "x/../SRC": models / "x" / ".." / "src",
+        "SRC/../SRC": src / ".." / "src",
+        "relative SRC": "./x/../src",
+        "parent of SRC": models,
+        "symlinked parent": tmp_path / "link" / "src",
+        "adapter via ..": adapters / "lora" / ".." / "lora",
+        "parent of the adapter": tmp_path / "adapters",
+    }[spelling]
+    before = {p: ck.tree_snapshot(p) for p in (src, lora)}
+    capsys.readouterr()
+    rc = main([str(src), str(out), "--lora", str(lora), "--force", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "OUT would replace the input" in err, err
+    assert {p: ck.tree_snapshot(p) for p in (src, lora)} == before
+    assert ck.leftovers(models) == [] and ck.leftovers(adapters) == []
+
+
+# --- signals and a killed conversion -------------------------------------------------------------------
+
+
+def _tmp_with_a_shard(parent):
+    """A conversion's temporary directory once it holds its first weight shard (all the layers are
+    still to come), else None."""
+    for d in parent.glob(".out.tmp-*"):
+        if (d / "weights-00001.safetensors").is_file():
+            return d
+    return None
+
+
+def test_signals_clean_up_and_a_sigkill_leftover_is_swept(capsys, tmp_path):
+    """A real conversion per signal, signalled once it has written a shard: SIGTERM, SIGHUP and SIGQUIT
+    end like Ctrl-C (one line, 128 + signal, nothing left, an existing OUT untouched); SIGKILL leaves
+    its marked temporary directory, which the next conversion to that OUT removes, and only it."""
+    src = ck.big()
+    env = {**os.environ, "PYTHONPATH": str(ck.REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    runs = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL):
+        out = tmp_path / sig.name / "out"
+        out.parent.mkdir()
+        args = [sys.executable, "-m", "converters.hf2engine", str(src), str(out), "--quiet"]
+        if sig == signal.SIGTERM:  # replacing an existing OUT: it must survive the interruption
+            out.mkdir()
+            (out / "keep.txt").write_text("existing")
+            args.append("--force")
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ck.REPO), env=env)
+        runs[sig] = [out, proc, False]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(sent for _, _, sent in runs.values()) and time.monotonic() < deadline:
+            for sig, run in runs.items():
+                out, proc, sent = run
+                found = None if sent else _tmp_with_a_shard(out.parent)
+                if found is not None:
+                    assert proc.poll() is None, f"{sig.name}: finished before the signal"
+                    os.kill(proc.pid, sig)
+                    run[2] = sorted(p.name for p in found.iterdir())
+                assert proc.poll() is None or run[2], f"{sig.name}: finished before the signal: {proc.stderr.read()}"
+            time.sleep(0.005)
+        results = {sig: proc.communicate(timeout=60) + (proc.returncode,) for sig, (_, proc, _) in runs.items()}
+    finally:
+        for _, proc, _ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        out = runs[sig][0]
+        stdout, stderr, code = results[sig]
+        assert code == 128 + sig, (sig.name, code, stderr, runs[sig][2])
+        assert stderr.strip() == f"hf2engine: interrupted by {sig.name}; nothing written", stderr
+        assert ck.leftovers(out.parent) == []
+        if sig == signal.SIGTERM:
+            assert ck.tree_snapshot(out) == {"keep.txt": b"existing"}
+        else:
+            assert not out.exists()
+
+    out = runs[signal.SIGKILL][0]
+    assert results[signal.SIGKILL][2] == -signal.SIGKILL
+    (killed,) = ck.leftovers(out.parent)
+    assert (out.parent / killed / safety.MARKER).is_file()
+    # Look-alikes that are not provably a dead conversion's: no marker, and a live owner (this process).
+    unmarked = out.parent / ".out.tmp-0123abcd"
+    unmarked.mkdir()
+    (unmarked / "mine.txt").write_text("user data")
+    alive = out.parent / ".out.tmp-89abcdef"
+    alive.mkdir()
+    safety.write_marker(alive, "tmp")
+    capsys.readouterr()
+    assert main([str(ck.tiny("llama")), str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert EngineConfig.read(out).model.num_layers == 2
+    assert ck.leftovers(out.parent) == sorted([unmarked.name, alive.name])
+    assert (unmarked / "mine.txt").read_text() == "user data"
+
+
+# --- silently wrong numbers ------------------------------------------------------------------------------
+
+
+def _set_value(file, name, value, index=(0, 0)):
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    tensors[name][index] = value
+    save_file(tensors, str(file), metadata=meta)
+
+
+@pytest.mark.parametrize("name, value", [("model.layers.1.mlp.down_proj.weight", math.nan),
+                                         ("model.embed_tokens.weight", math.inf),
+                                         ("model.norm.weight", -math.inf)])
+def test_non_finite_weight_refused_naming_tensor_and_file(capsys, tmp_path, src, name, value):
+    shard = _shard_of(src, name)
+    _set_value(shard, name, value, (0,) if name.endswith("norm.weight") else (0, 0))
+    _fails(capsys, [src], f"{shard}: tensor {name!r} holds NaN or Inf values", tmp_path / "out")
+
+
+def test_non_finite_adapter_tensor_refused_naming_tensor_and_file(capsys, tmp_path, lora_copy):
+    file = lora_copy / "adapter_model.safetensors"
+    name = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    _set_value(file, name, math.nan)
+    _fails(capsys, [ck.tiny("llama"), "--lora", lora_copy], f"{file}: tensor {name!r} holds NaN or Inf values",
+           tmp_path / "out")
+
+
+def test_weight_beyond_the_output_dtype_refused(capsys, tmp_path, src):
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _set_value(_shard_of(src, name), name, 1e5)  # finite in float32, inf in float16
+    _fails(capsys, [src, "--dtype", "float16"], f"tensor {name!r} has values beyond the range of float16",
+           tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"rms_norm_eps": 0}, "field 'rms_norm_eps': expected a positive number, got 0"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "field 'rope_theta': expected a positive number"),
+        ({"rope_parameters": None, "rope_theta": math.nan}, "field 'rope_theta': expected a positive number, got nan"),
+        ({"hidden_size": "64"}, "field 'hidden_size': expected a positive integer, got '64'"),
+        ({"vocab_size": -5}, "field 'vocab_size': expected a positive integer"),
+        ({"tie_word_embeddings": "no"}, "field 'tie_word_embeddings': expected true or false"),
+        ({"architectures": "LlamaForCausalLM"}, "field 'architectures': expected a list of class names"),
+        ({"num_hidden_layers": 10**9}, "beyond any supported model"),
+        ({"num_hidden_layers": 4000}, "num_hidden_layers=4000 but the weights hold 2 layers"),
+    ],
+)
+def test_nonsensical_config_json_is_one_line(capsys, tmp_path, src, edit, match):
+    config = json.loads((src / "config.json").read_text())
+    config.update(edit)
+    (src / "config.json").write_text(json.dumps(config))
+    _fails(capsys, [src], match, tmp_path / "out")
+
+
+@pytest.mark.parametrize("entry", [5, ["model-00001.safetensors"], None])
+def test_shard_index_entry_that_is_not_a_string(capsys, tmp_path, src, entry):
+    index = json.loads((src / SHARDS).read_text())
+    index["weight_map"]["model.norm.weight"] = entry
+    (src / SHARDS).write_text(json.dumps(index))
+    _fails(capsys, [src], f"weight_map['model.norm.weight']: invalid shard name {entry!r}", tmp_path / "out")
+
+
+def test_tokenizer_that_does_not_parse(capsys, tmp_path, src):
+    text = (src / "tokenizer.json").read_text()
+    (src / "tokenizer.json").write_text(text[: len(text) // 2])
+    _fails(capsys, [src], f"{src / 'tokenizer.json'}: cannot be parsed as a tokenizer", tmp_path / "out")
+
+
+def test_tokenizer_ids_beyond_the_vocabulary(capsys, tmp_path, src):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.add_tokens([f"<extra_{i}>" for i in range(vocab - tok.get_vocab_size(with_added_tokens=True) + 1)])
+    tok.save(str(src / "tokenizer.json"))
+    top = max(AutoTokenizer.from_pretrained(str(src)).get_vocab().values())  # what the engine would see
+    assert top >= vocab
+    _fails(capsys, [src], f"token id {top} ('<extra_", tmp_path / "out")
+
+
+# --- an adapter made for another family ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, refused",
+    [
+        ({"auto_mapping": {"base_model_class": "MistralForCausalLM"}}, "auto_mapping.base_model_class 'MistralForCausalLM' is mistral"),
+        ({"auto_mapping": {"base_model_class": "Qwen2BiModel"}}, "is qwen2"),  # LLM2Vec's class names
+        ({"auto_mapping": {"base_model_class": "Phi3ForCausalLM"}}, "is phi3"),  # any transformers class
+        ({"auto_mapping": None, "base_model_name_or_path": "MISTRAL_DIR"}, "base_model_name_or_path"),
+        ({"auto_mapping": {"base_model_class": "LlamaBiModel"}, "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}, None),
+        ({"auto_mapping": {"base_model_class": "MyOwnEncoder"}, "base_model_name_or_path": "someone/some-model"}, None),
+    ],
+)
+def test_adapter_for_another_family_refused(capsys, tmp_path, lora_copy, edit, refused):
+    mistral = ck.tiny("mistral")  # the same shapes as the tiny Llama: only the family tells them apart
+    config = json.loads((lora_copy / "adapter_config.json").read_text())
+    config.update({k: str(mistral) if v == "MISTRAL_DIR" else v for k, v in edit.items()})
+    (lora_copy / "adapter_config.json").write_text(json.dumps(config))
+    if refused is None:  # a family that matches, or one that cannot be told: converted
+        capsys.readouterr()
+        assert main([str(ck.tiny("llama")), str(tmp_path / "out"), "--lora", str(lora_copy), "--quiet"]) == 0
+        return
+    _fails(capsys, [ck.tiny("llama"), "--lora", lora_copy], "adapter made for another model family: ", tmp_path / "out")
+    rc = main([str(ck.tiny("llama")), str(tmp_path / "out"), "--lora", str(lora_copy), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and refused in err and err.strip().endswith("is llama"), err

@@ -51,6 +51,7 @@ def _add_common(p: argparse.ArgumentParser, objective: str) -> None:
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--log-steps", type=int, help="log every N steps (default 50)")
     g.add_argument("--save-steps", type=int, help="checkpoint every N steps, and at the end (default 200)")
+    g.add_argument("--save-total-limit", type=int, metavar="N", help="keep only the newest N checkpoints (default: all)")
     g.add_argument("--eval-steps", type=int, help="evaluate --eval-data every N steps, and at the end (default 100)")
     g.add_argument("--resume", action="store_true", default=None, help="continue from OUT's last checkpoint")
     g.add_argument("--force", action="store_true", default=None, help="replace an existing non-empty OUT")
@@ -97,19 +98,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     options = {k: v for k, v in vars(args).items() if k not in ("objective", "config")}
     # Imported here so that --help stays fast.
+    from converters.safety import exit_code, resolve_path, signal_name, signals_interrupt
     from converters.sources import ConversionError, error_line
 
     from ..config import ConfigError
     from ..format import FormatError
-    from .loop import train
+    from .loop import last_checkpoint, train
 
+    cfg = None
     try:
-        cfg = make_config(args.objective, args.config, **options)
-        train(cfg)
+        with signals_interrupt():
+            cfg = make_config(args.objective, args.config, **options)
+            train(cfg)
     except (TrainError, ConversionError, ConfigError, FormatError, OSError) as exc:
         print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; resume with --resume from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        checkpoint = last_checkpoint(resolve_path(cfg.out)) if cfg is not None else None
+        if checkpoint is None:
+            advice = "stopped before the first checkpoint, so there is nothing to resume; nothing was saved"
+        else:
+            advice = f"continue from {checkpoint} with --resume"
+        print(f"{PROG}: interrupted by {signal_name(exc)}; {advice}", file=sys.stderr)
+        return exit_code(exc)
     return 0

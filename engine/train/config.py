@@ -61,6 +61,7 @@ class TrainConfig:
     # Bookkeeping
     log_steps: int = 50
     save_steps: int = 200
+    save_total_limit: int | None = None  # keep only the newest N checkpoint-STEP directories
     eval_steps: int = 100
     resume: bool = False
     force: bool = False
@@ -78,15 +79,32 @@ class TrainConfig:
         if self.objective not in OBJECTIVES:
             raise TrainError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
         for name in ("model", "data", "out"):
-            if not getattr(self, name):
+            value = getattr(self, name)
+            if not value:
                 raise TrainError(f"--{name.replace('_', '-')} is required")
+            if not isinstance(value, str):
+                raise TrainError(f"{name.replace('_', '-')} must be a path (a string), got {value!r}")
+        if self.eval_data is not None and (not isinstance(self.eval_data, str) or not self.eval_data):
+            raise TrainError(f"eval-data must be a path (a string), got {self.eval_data!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise TrainError(f"device must be a string such as cpu, cuda or cuda:1, got {self.device!r}")
+        for name in ("gradient_checkpointing", "all_mask", "resume", "force", "quiet"):
+            if not isinstance(getattr(self, name), bool):
+                raise TrainError(f"{name.replace('_', '-')} must be true or false, got {getattr(self, name)!r}")
         positive_ints = ("steps", "batch_size", "grad_accum", "max_seq_length", "lora_r", "log_steps", "save_steps", "eval_steps")
         for name in positive_ints:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise TrainError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise TrainError(f"warmup-steps must be a non-negative integer, got {self.warmup_steps!r}")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise TrainError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
+        if self.save_total_limit is not None and (not _is_int(self.save_total_limit) or self.save_total_limit < 1):
+            raise TrainError(f"save-total-limit must be a positive integer, got {self.save_total_limit!r}")
+        if self.objective == "mntp" and self.max_seq_length < 2:
+            raise TrainError("max-seq-length must be at least 2 for mntp: a token is predicted from the one before "
+                             f"it, so {self.max_seq_length}-token sequences have nothing to predict")
         for name in ("lr", "loss_scale"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
@@ -173,6 +191,10 @@ def read_config_file(file: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TrainError(f"{path}: expected a JSON object of options")
     return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

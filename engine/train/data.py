@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from itertools import chain
@@ -25,19 +26,25 @@ class DataError(TrainError):
 
 
 def _open_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file, line ends as in text mode (``\n``, ``\r\n``, ``\r``).
+
+    Decoded whole so that a bad byte is reported as ``FILE:LINE``."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such data file")
     if not path.is_file():
         raise DataError(f"{path}: not a file")
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                yield number, line.rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):
+        yield number, line.rstrip("\n")
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -85,6 +92,11 @@ def read_pairs(path: str | Path) -> list[Pair]:
                 continue
             if not isinstance(value, str):
                 raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone "\ud800" escape: no tokenizer can read it
+                raise DataError(f"{where}: {key!r} has an unpaired surrogate {value[exc.start]!r} at character "
+                                f"{exc.start}") from None
             if key != "instruction" and not value.strip():
                 raise DataError(f"{where}: {key!r} is empty")
         pairs.append(Pair(obj["query"], obj["positive"], obj.get("negative"), (obj.get("instruction") or "").strip(), number))

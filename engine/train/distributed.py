@@ -16,6 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
+from .config import TrainError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -34,15 +37,21 @@ class Context:
 
 
 def setup(device: str = "auto") -> Context:
-    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU); pick the device."""
+    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU); pick the device.
+
+    ``device``: ``auto``, ``cpu``, ``cuda`` (``cuda:LOCAL_RANK``) or ``cuda:N``; anything else, or CUDA
+    on a machine without it, is a :class:`TrainError` naming ``--device``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
+        try:
+            dev = resolve_device(device, "--device")
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        if dev.type == "cuda" and device.strip() == "cuda":  # one GPU per process under torchrun
             dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

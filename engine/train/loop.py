@@ -5,11 +5,17 @@ Output directory ``OUT``:
 - ``adapter_config.json``, ``adapter_model.safetensors``: the final adapter (PEFT format);
 - ``checkpoint-STEP/``: the adapter at that step plus ``trainer_state.pt`` (optimizer and schedule
   state, history; read back with ``torch.load(weights_only=True)``);
+- ``llm2vec_config.json`` beside each adapter: the pooling and max length it was trained with
+  (LLM2Vec's file; ``hf2engine --lora`` takes its defaults from it);
 - ``train_config.json`` (the options used), ``log.jsonl`` (one line per logged step or evaluation),
-  ``loss.png`` (the loss curve).
+  ``loss.png`` (the loss curve, when matplotlib is installed).
+
+``OUT`` may never be, or contain, the model, an adapter or a data file (compared resolved), so
+``--force`` cannot delete them; a run stopped before its first checkpoint removes what it wrote.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -24,6 +30,18 @@ from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
+
+from converters.safety import (
+    MARKER,
+    disk_full_line,
+    is_disk_full,
+    make_temp_dir,
+    overlapping_input,
+    remove_owned,
+    resolve_path,
+    sweep,
+)
+from converters.sources import sha256_file
 
 from ..batch import pack
 from ..config import ConfigError, ModelConfig
@@ -49,8 +67,10 @@ TRAINER_STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.json"
 LOG_FILE = "log.jsonl"
 LOSS_PLOT = "loss.png"
-# Options that must not change when resuming (they shape the adapter or the objective).
-_RESUME_FIXED = ("objective", "lora_r", "lora_alpha", "lora_targets", "adapter_layout", "lora")
+# Options that must not change when resuming: they shape the adapter or the objective, or they change
+# which examples each step reads (a silently different data order).
+_RESUME_FIXED = ("objective", "lora_r", "lora_alpha", "lora_targets", "adapter_layout", "lora", "grad_accum", "seed",
+                 "max_seq_length")
 
 
 @dataclass
@@ -68,8 +88,11 @@ class Run:
     random_vocab: int = 0
     layout: str = "causal_lm"
     base_model: str = ""  # recorded in adapter_config.json
+    base_model_class: str | None = None  # recorded as peft's auto_mapping (the transformers class)
     autocast_dtype: torch.dtype | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    data_sha256: str = ""  # the training file's content, checked on resume
+    plot: bool = True  # matplotlib is importable
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -87,6 +110,10 @@ def train(cfg: TrainConfig) -> Path:
     ctx = distributed.setup(cfg.device)
     try:
         return _train(cfg, ctx)
+    except Exception as exc:
+        if is_disk_full(exc):  # safetensors wraps the OSError; a checkpoint being written was removed
+            raise TrainError(disk_full_line(resolve_path(cfg.out))) from None
+        raise
     finally:
         distributed.teardown(ctx)
 
@@ -94,7 +121,8 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, ctx: distributed.Context) -> Path:
     from converters.sources import Checkpoint
 
-    out = Path(cfg.out).expanduser().absolute()
+    out = resolve_path(cfg.out)
+    _check_inputs(out, cfg)
     resume_from = _check_out(out, cfg)
     ckpt = Checkpoint.open(cfg.model)
     try:
@@ -107,10 +135,13 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> Path:
     if cfg.objective == "mntp" and not model_cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.tensors:
         raise TrainError(f"{ckpt.path}: MNTP needs the checkpoint's LM head and this checkpoint has none (a bare *Model)")
     tokenizer = _tokenizer(ckpt.path)
+    _check_room_for_text(cfg, tokenizer)
 
     run = Run(cfg, ctx, None, tokenizer, [], None, model_cfg.vocab_size, layout=layout,  # type: ignore[arg-type]
-              base_model=str(ckpt.path))
+              base_model=str(ckpt.path), base_model_class=_base_model_class(model_cfg, layout))
     run.train_set = _dataset(run, cfg.data)
+    run.data_sha256 = sha256_file(Path(cfg.data))
+    state = _read_checkpoint(run, resume_from) if resume_from is not None else None  # refused before the load
     run.eval_set = _dataset(run, cfg.eval_data) if cfg.eval_data else None
     order = BatchOrder(len(run.train_set), cfg.batch_size, ctx.world, ctx.rank, cfg.seed)
     if cfg.objective == "mntp":
@@ -131,13 +162,31 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(cfg.warmup_steps, cfg.steps))
     start = 0
     if resume_from is not None:
-        start = _load_checkpoint(run, resume_from, optimizer, scheduler)
-    if start >= cfg.steps:
-        raise TrainError(f"{resume_from}: already at step {start} of {cfg.steps}; raise --steps to train further")
+        start = _restore_checkpoint(run, resume_from, state, optimizer, scheduler)
 
+    run.plot = _plot_available(cfg, ctx)
+    created = False
     if ctx.is_main:
-        _prepare_out(out, cfg, resume_from is not None)
+        created = _prepare_out(out, cfg, resume_from is not None)
     distributed.barrier(ctx)
+    try:
+        _loop(run, out, start, optimizer, scheduler, params, order)
+    except BaseException:
+        if ctx.is_main and resume_from is None and last_checkpoint(out) is None:
+            _discard_out(out, created)  # nothing to resume from: leave OUT as it was before the run
+        raise
+    if ctx.is_main:
+        _save_adapter(run, out)
+        _plot(run, out)
+        if not cfg.quiet:
+            print(f"engine.train: wrote {out}", file=sys.stderr)
+    distributed.barrier(ctx)
+    return out
+
+
+def _loop(run: Run, out: Path, start: int, optimizer, scheduler, params, order: BatchOrder) -> None:
+    """Steps ``start`` .. ``cfg.steps``, with logging, evaluation and checkpoints."""
+    cfg, ctx, model = run.cfg, run.ctx, run.model
     micro_loss = _objective(run)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.objective}", unit="step",
                disable=cfg.quiet or not ctx.is_main, file=sys.stderr, dynamic_ncols=True)
@@ -182,18 +231,39 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> Path:
                 distributed.barrier(ctx)
     finally:
         bar.close()
-    if ctx.is_main:
-        save_adapter(model, out, r=cfg.lora_r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-                     layout=layout, base_model=run.base_model)
-        plot_history(run.history, out / LOSS_PLOT, title=f"{cfg.objective}: {Path(cfg.data).name}")
-        if not cfg.quiet:
-            print(f"engine.train: wrote {out}", file=sys.stderr)
-    distributed.barrier(ctx)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # Set-up
+
+
+def _check_inputs(out: Path, cfg: TrainConfig) -> None:
+    """OUT may not be, or contain, an input: ``--force`` deletes OUT and training writes into it."""
+    inputs = [("--model", cfg.model), *(("--lora", p) for p in cfg.lora), ("--data", cfg.data)]
+    if cfg.eval_data:
+        inputs.append(("--eval-data", cfg.eval_data))
+    for flag, path in inputs:
+        if overlapping_input(out, [path]) is not None:
+            raise TrainError(f"{out}: --out would overwrite the {flag} input {path} (OUT is, or contains, it); "
+                             "choose another --out")
+
+
+def _check_room_for_text(cfg: TrainConfig, tokenizer: Any) -> None:
+    """Contrastive inputs are pooled over their text tokens: the special tokens the tokenizer adds
+    must leave room for at least one."""
+    if cfg.objective == "mntp":
+        return
+    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    if cfg.max_seq_length <= specials:
+        raise TrainError(f"max-seq-length {cfg.max_seq_length} leaves no room for text: the tokenizer adds "
+                         f"{specials} special token(s) to every input, so nothing would be pooled")
+
+
+def _base_model_class(model_cfg: ModelConfig, layout: str) -> str:
+    """The transformers class the adapter's module names are those of (peft's auto_mapping)."""
+    from ..config import _CLASS_PREFIXES
+
+    return _CLASS_PREFIXES[model_cfg.family] + ("ForCausalLM" if layout == "causal_lm" else "Model")
 
 
 def _check_out(out: Path, cfg: TrainConfig) -> Path | None:
@@ -211,18 +281,32 @@ def _check_out(out: Path, cfg: TrainConfig) -> Path | None:
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    steps = [(int(m[1]), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
-             and (p / TRAINER_STATE).is_file()]
-    return max(steps)[1] if steps else None
+    found = _checkpoints(out) if out.is_dir() else []
+    return found[-1] if found else None
 
 
-def _prepare_out(out: Path, cfg: TrainConfig, resuming: bool) -> None:
+def _prepare_out(out: Path, cfg: TrainConfig, resuming: bool) -> bool:
+    """Create (or with ``--force`` empty) OUT; True when this run created it."""
     if cfg.force and out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # never an input: see _check_inputs
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    sweep(out, kinds=("tmp",))  # half-written checkpoints of a killed run
     if not resuming:
         (out / LOG_FILE).write_text("")
     (out / TRAIN_CONFIG).write_text(cfg.to_json())
+    return created
+
+
+def _discard_out(out: Path, created: bool) -> None:
+    """Remove what a fresh run wrote into OUT (it stopped before any checkpoint), and OUT if it made it."""
+    for name in (LOG_FILE, TRAIN_CONFIG, LOSS_PLOT):
+        (out / name).unlink(missing_ok=True)
+    if created:
+        try:
+            out.rmdir()
+        except OSError:
+            pass
 
 
 def _tokenizer(path: Path) -> Any:
@@ -284,11 +368,12 @@ def _load_base(cfg: TrainConfig, ctx: distributed.Context, src: Path, out: Path,
     from converters.hf2engine import convert
     from converters.sources import ConversionError, error_line
 
-    tmp_root = out.parent if out.parent.is_dir() else None
+    tmp_root = out.parent if out.parent.is_dir() else Path(tempfile.gettempdir())
     error, path = None, None
     if ctx.is_main:
         try:
-            path = Path(tempfile.mkdtemp(prefix=f".{out.name}.base-", dir=tmp_root))
+            sweep(tmp_root, [out.name], kinds=("base",))  # what a killed run left
+            path = make_temp_dir(tmp_root, out.name, "base")
             convert(src, path / "engine", loras=cfg.lora, dtype=str(dtype).removeprefix("torch."), quiet=True,
                     keep_lm_head=cfg.objective == "mntp")
         except (ConversionError, OSError) as exc:
@@ -301,7 +386,7 @@ def _load_base(cfg: TrainConfig, ctx: distributed.Context, src: Path, out: Path,
         distributed.barrier(ctx)
     finally:
         if ctx.is_main and path is not None:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_owned(path)
     return model
 
 
@@ -409,47 +494,129 @@ def _log(out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
 
+def _llm2vec_config(cfg: TrainConfig) -> dict[str, Any]:
+    """What LLM2Vec reads beside an adapter: the max length trained with, and the pooling (contrastive)."""
+    config: dict[str, Any] = {"max_length": cfg.max_seq_length}
+    if cfg.objective != "mntp":  # the engine's pooling names are LLM2Vec pooling_mode names too
+        config |= {"pooling_mode": cfg.pooling, "skip_instruction": True}
+    return config
+
+
+def _save_adapter(run: Run, directory: Path) -> None:
+    cfg = run.cfg
+    save_adapter(run.model, directory, r=cfg.lora_r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+                 layout=run.layout, base_model=run.base_model, base_model_class=run.base_model_class,
+                 llm2vec_config=_llm2vec_config(cfg))
+
+
 def _save_checkpoint(run: Run, out: Path, step: int, optimizer, scheduler) -> None:
-    """``out/checkpoint-STEP``: written in a temporary directory, renamed into place when complete."""
+    """``out/checkpoint-STEP``: written in a temporary directory, renamed into place when complete;
+    then the oldest checkpoints beyond ``--save-total-limit`` are removed."""
     cfg = run.cfg
     final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
+    tmp = make_temp_dir(out, final.name)
     try:
-        save_adapter(run.model, tmp, r=cfg.lora_r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-                     layout=run.layout, base_model=run.base_model)
+        _save_adapter(run, tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "history": run.history}
-        torch.save(state, tmp / TRAINER_STATE)
+                 "history": run.history, "data_sha256": run.data_sha256,
+                 "global_batch_size": cfg.batch_size * run.ctx.world}
+        buffer = io.BytesIO()  # serialised first: a failed write is then an OSError that says why
+        torch.save(state, buffer)
+        (tmp / TRAINER_STATE).write_bytes(buffer.getvalue())
         (tmp / TRAIN_CONFIG).write_text(cfg.to_json())
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_owned(tmp)
         raise
-    plot_history(run.history, out / LOSS_PLOT, title=f"{cfg.objective}: {Path(cfg.data).name}")
+    (final / MARKER).unlink(missing_ok=True)
+    if cfg.save_total_limit is not None:
+        for old in _checkpoints(out)[: -cfg.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    _plot(run, out)
 
 
-def _load_checkpoint(run: Run, path: Path, optimizer, scheduler) -> int:
+def _checkpoints(out: Path) -> list[Path]:
+    """This run's complete ``checkpoint-STEP`` directories, oldest first."""
+    steps = [(int(m[1]), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+             and (p / TRAINER_STATE).is_file()]
+    return [p for _, p in sorted(steps)]
+
+
+def _read_checkpoint(run: Run, path: Path) -> dict[str, Any]:
+    """The trainer state of ``path``, once it is known to continue this run: same options that shape
+    the adapter and the data order, same data file content, same global batch, a valid step."""
     cfg = run.cfg
     try:
         saved = json.loads((path / TRAIN_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TrainError(f"{path / TRAIN_CONFIG}: unreadable ({exc})") from None
+    if not isinstance(saved, dict):
+        raise TrainError(f"{path / TRAIN_CONFIG}: not a JSON object of options")
     current = json.loads(cfg.to_json())
     changed = [k for k in _RESUME_FIXED if saved.get(k) != current.get(k)]
     if changed:
         raise TrainError(f"{path}: cannot resume with different {', '.join(changed)} (saved: "
                          + ", ".join(f"{k}={saved.get(k)!r}" for k in changed) + ")")
+    state_file = path / TRAINER_STATE
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file
+        raise TrainError(f"{state_file}: cannot resume from it ({' '.join(str(exc).split())[:200]})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or f"checkpoint-{step}" != path.name or step < 1:
+        raise TrainError(f"{state_file}: no valid step (found {step!r} in {path.name}); cannot resume from it")
+    global_batch = cfg.batch_size * run.ctx.world
+    if state.get("global_batch_size") != global_batch:
+        raise TrainError(f"{path}: cannot resume with a global batch size of {global_batch} (batch size x processes): "
+                         f"it was {state.get('global_batch_size')!r}, and the data order depends on it")
+    if state.get("data_sha256") != run.data_sha256:
+        raise TrainError(f"{path}: cannot resume: the content of {cfg.data} is not the data this run was trained on, "
+                         "so the data order would silently change")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise TrainError(f"{state_file}: history is not a list of records; cannot resume from it")
+    if step >= cfg.steps:
+        raise TrainError(f"{path}: already at step {step} of {cfg.steps}; raise --steps to train further")
+    return state
+
+
+def _restore_checkpoint(run: Run, path: Path, state: dict[str, Any], optimizer, scheduler) -> int:
+    """Adapter, optimizer and schedule of ``path`` (checked by :func:`_read_checkpoint`); its step."""
     load_adapter_weights(run.model, path, run.layout)
     try:
-        state = torch.load(path / TRAINER_STATE, map_location=run.ctx.device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except Exception as exc:  # a damaged or foreign file
+    except Exception as exc:  # missing keys, another optimizer's state
         raise TrainError(f"{path / TRAINER_STATE}: cannot resume from it ({' '.join(str(exc).split())[:200]})") from None
     run.history = list(state.get("history", []))
-    return int(state["step"])
+    return state["step"]
+
+
+def _plot_available(cfg: TrainConfig, ctx: distributed.Context) -> bool:
+    try:
+        import matplotlib  # noqa: F401  (the train extra; without it the run goes on, without loss.png)
+    except ImportError:
+        pass
+    else:
+        return True
+    if ctx.is_main and not cfg.quiet:
+        print("engine.train: matplotlib is not installed (pip install 'llm-encoder-engine[train]'); "
+              "loss.png will not be drawn", file=sys.stderr)
+    return False
+
+
+def _plot(run: Run, out: Path) -> None:
+    """The loss curve, never at the cost of the run: a failure is one notice, then no more plots."""
+    if not run.plot:
+        return
+    try:
+        plot_history(run.history, out / LOSS_PLOT, title=f"{run.cfg.objective}: {Path(run.cfg.data).name}")
+    except Exception as exc:  # a broken matplotlib install or backend: the adapter matters, the plot not
+        run.plot = False
+        print(f"engine.train: cannot draw {out / LOSS_PLOT} ({' '.join(str(exc).split())[:200]}); "
+              "skipping the loss plot", file=sys.stderr)
 
 
 def plot_history(history: list[dict[str, Any]], file: Path, title: str = "") -> None:

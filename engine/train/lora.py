@@ -13,9 +13,11 @@ Saved tensors: ``{prefix}layers.N.self_attn.q_proj.lora_A.weight`` [r, in] and `
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from converters.safety import follow_umask
+
 from ..model import EncoderModel
 from .config import LORA_TARGETS, TrainError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LLM2VEC_CONFIG = "llm2vec_config.json"
 PREFIXES = {"causal_lm": "base_model.model.model.", "bare": "base_model.model."}
 # Hugging Face projection -> (its block, the engine Linear it lives in, its slot among that Linear's row slices).
 HF_PROJECTIONS = {
@@ -122,10 +127,16 @@ def save_adapter(
     targets: list[str],
     layout: str,
     base_model: str,
+    base_model_class: str | None = None,
+    llm2vec_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``adapter_config.json`` (by peft's own ``LoraConfig``) and ``adapter_model.safetensors``.
+    """Write ``adapter_config.json`` (by peft's own ``LoraConfig``) and ``adapter_model.safetensors``,
+    and ``llm2vec_config.json`` when ``llm2vec_config`` is given.
 
-    Each file is written beside its final name and renamed into place, so a reader never sees half a file.
+    ``base_model_class`` (a transformers class name) is recorded as peft's ``auto_mapping``, as
+    ``PeftModel.save_pretrained`` records it, so that a converter can tell the family the adapter
+    was made for. Each file is written beside its final name and renamed into place, so a reader
+    never sees half a file.
     """
     from peft import LoraConfig
 
@@ -144,12 +155,23 @@ def save_adapter(
     )
     tmp = out_dir / f".{ADAPTER_WEIGHTS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    follow_umask(tmp)
     os.replace(tmp, out_dir / ADAPTER_WEIGHTS)
+    auto_mapping = None
+    if base_model_class is not None:
+        import transformers
+
+        auto_mapping = {"base_model_class": base_model_class,
+                        "parent_library": getattr(transformers, base_model_class).__module__}
     staging = out_dir / ".adapter_config.tmp"
     staging.mkdir(exist_ok=True)
-    config.save_pretrained(str(staging))
+    config.save_pretrained(str(staging), auto_mapping_dict=auto_mapping)
     os.replace(staging / ADAPTER_CONFIG, out_dir / ADAPTER_CONFIG)
     staging.rmdir()
+    if llm2vec_config is not None:
+        tmp = out_dir / f".{LLM2VEC_CONFIG}.tmp"
+        tmp.write_text(json.dumps(llm2vec_config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out_dir / LLM2VEC_CONFIG)
     return out_dir
 
 

@@ -98,9 +98,10 @@ def test_text_file_errors(tmp_path):
     (tmp_path / "blank.txt").write_text("\n  \n\t\n")
     with pytest.raises(DataError, match="empty or blank"):
         read_texts(tmp_path / "blank.txt")
-    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
-    with pytest.raises(DataError, match="not UTF-8"):
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\r\nfine\n\xff\xfe\n")
+    with pytest.raises(DataError, match="not UTF-8") as err:
         read_texts(tmp_path / "bad.txt")
+    assert f"{tmp_path / 'bad.txt'}:4: not UTF-8" in str(err.value)  # named as FILE:LINE
     (tmp_path / "ok.txt").write_text("a\n\nb\r\n")
     assert read_texts(tmp_path / "ok.txt") == ["a", "b"]
 
