@@ -202,7 +202,7 @@ def test_resume_refuses_a_changed_batch_or_data_and_a_broken_state(corpus, resum
 def test_max_seq_length_with_nothing_to_predict_or_pool(llama, corpus, tmp_path, capsys, objective, length, pattern):
     data = corpus["pairs"] if objective == "supervised" else corpus[objective]
     extra = ["--mask-token", "eos"] if objective == "mntp" else []
-    code, err = _run(capsys, objective, "--model", llama, "--data", data, "--out", tmp_path / "out", "--quiet",
+    code, err = _run(capsys, objective, "--model", llama, "--data", data, "--out", tmp_path / "out", *QUICK,
                      "--max-seq-length", length, *extra)
     _one_line(code, err, pattern)
     assert not (tmp_path / "out").exists()
@@ -217,7 +217,7 @@ def test_max_seq_length_with_nothing_to_predict_or_pool(llama, corpus, tmp_path,
 def test_device_errors_name_the_argument(llama, corpus, tmp_path, capsys, monkeypatch, device, pattern):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
     code, err = _run(capsys, "simcse", "--model", llama, "--data", corpus["simcse"], "--out", tmp_path / "out",
-                     "--device", device, "--quiet")
+                     "--device", device, *QUICK)
     _one_line(code, err, pattern)
 
 
@@ -230,12 +230,11 @@ def test_device_errors_name_the_argument(llama, corpus, tmp_path, capsys, monkey
     ({"seed": "42"}, "seed must be a non-negative integer, got '42'"),
     ({"warmup_steps": True}, "warmup-steps must be a non-negative integer, got True"),
     ({"save_total_limit": 0}, "save-total-limit must be a positive integer, got 0"),
-    ({"lora_targets": "q_proj"}, "lora-targets must be a non-empty subset"),
 ])
 def test_config_file_values_of_the_wrong_type(llama, corpus, tmp_path, capsys, values, pattern):
     config = tmp_path / "options.json"
     config.write_text(json.dumps({"model": str(llama), "data": str(corpus["simcse"]), "out": str(tmp_path / "out"),
-                                  **values}))
+                                  "steps": 2, "batch_size": 4, "max_seq_length": 24, "lora_r": 2, **values}))
     code, err = _run(capsys, "simcse", "--config", config)
     _one_line(code, err, pattern)
 
@@ -243,7 +242,8 @@ def test_config_file_values_of_the_wrong_type(llama, corpus, tmp_path, capsys, v
 def test_jsonl_line_with_an_unpaired_surrogate(llama, tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"query": "fine", "positive": "also fine"}\n{"query": "bad \\ud800 text", "positive": "p"}\n')
-    code, err = _run(capsys, "supervised", "--model", llama, "--data", data, "--out", tmp_path / "out", "--quiet")
+    code, err = _run(capsys, "supervised", "--model", llama, "--data", data, "--out", tmp_path / "out", *QUICK,
+                     "--batch-size", "1")
     _one_line(code, err, f"{data}:2: 'query' has an unpaired surrogate '\\ud800' at character 4")
 
 
