@@ -6,7 +6,7 @@ PYTHON ?= python3
 # Keep an existing torch (a GPU user's CUDA build); otherwise take the pinned CPU build, which
 # installs without pulling several GB of CUDA packages.
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[test,train,server,distributed]"
 
 demo: install

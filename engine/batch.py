@@ -60,9 +60,13 @@ def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> Pack
     # Position of token t = t - start of its sequence.
     positions = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(cu[:-1].long(), lengths)
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
-    return PackedBatch(
-        input_ids=ids.to(device, non_blocking=True),
-        positions=positions.to(device, non_blocking=True),
-        cu_seqlens=cu.to(device, non_blocking=True),
-        seqlens=seqlens,
-    )
+    device = torch.device(device)
+
+    def upload(t: torch.Tensor) -> torch.Tensor:
+        if device.type != "cuda":
+            return t.to(device)
+        # From pinned memory (PyTorch caches pinned blocks) the copy is truly asynchronous: the host
+        # goes on packing the next batch while this one is uploaded and computed.
+        return t.pin_memory().to(device, non_blocking=True)
+
+    return PackedBatch(input_ids=upload(ids), positions=upload(positions), cu_seqlens=upload(cu), seqlens=seqlens)

@@ -161,7 +161,6 @@ class Engine:
         return tokenize(self.tokenizer, examples, self.rules, truncate=truncate,
                         require_text=self.pooling in ("mean", "weighted_mean") and not self.rules.include_prompt)
 
-    @torch.inference_mode()
     def embed_tokenized(self, items: Sequence[TokenizedExample], normalize: bool = False) -> torch.Tensor:
         """One packed forward over ``items``: float32 [len(items), hidden] on the CPU, in order.
 
@@ -169,9 +168,15 @@ class Engine:
         :func:`plan_batches`); the pooling spans are validated on the host, so the only device
         synchronisation is the final copy.
         """
+        return self._launch(items, normalize).result()
+
+    @torch.inference_mode()
+    def _launch(self, items: Sequence[TokenizedExample], normalize: bool) -> "_PendingRows":
+        """Queue the forward of ``items`` on the device and return at once (on CUDA the kernels run
+        asynchronously while the host packs the next batch); ``.result()`` waits for the rows."""
         _check_bool("normalize", normalize)
         if not items:
-            return torch.empty((0, self.hidden_size), dtype=torch.float32)
+            return _PendingRows(torch.empty((0, self.hidden_size), dtype=torch.float32), None)
         batch = pack([t.input_ids for t in items], self.device)
         x, residual = self.model.hidden_before_norm(batch)
         plan = pooling_plan(list(items), batch, self.pooling)
@@ -179,11 +184,12 @@ class Engine:
         # The final residual add and norm are fused into pooling: only pooled rows are normed.
         pooled = ops.norm_pool(x, residual, self.model.norm, cfg.rms_norm_eps, cfg.norm_weight_offset, plan, normalize)
         if pooled.device.type == "cpu":
-            return pooled.float()
+            return _PendingRows(pooled.float(), None)
         out = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
-        out.copy_(pooled, non_blocking=True)
-        torch.cuda.current_stream(pooled.device).synchronize()
-        return out
+        out.copy_(pooled, non_blocking=True)  # into pinned memory: a true asynchronous copy
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(pooled.device))
+        return _PendingRows(out, done)
 
     def encode(
         self,
@@ -220,9 +226,15 @@ class Engine:
         out = torch.empty((len(items), self.hidden_size), dtype=torch.float32)
         batches = plan_batches([t.num_tokens for t in items], batch_size, max_batch_tokens)
         with tqdm(total=len(items), desc="encode", unit="input", disable=not show_progress_bar) as bar:
-            for chunk in batches:
-                out[torch.tensor(chunk)] = self.embed_tokenized([items[i] for i in chunk], normalize)
-                bar.update(len(chunk))
+            # One batch in flight: batch k + 1 is packed and queued before batch k's rows are awaited.
+            pending: tuple[list[int], _PendingRows] | None = None
+            for chunk in [*batches, None]:
+                launched = None if chunk is None else (chunk, self._launch([items[i] for i in chunk], normalize))
+                if pending is not None:
+                    done_chunk, rows = pending
+                    out[torch.tensor(done_chunk)] = rows.result()
+                    bar.update(len(done_chunk))
+                pending = launched
         if single:
             out = out[0]
         return out.numpy() if convert_to_numpy else out
@@ -238,6 +250,19 @@ class Engine:
             ids = [[(7 + 31 * i + j) % vocab for j in range(length)] for i in range(n)]
             self.embed_tokenized([TokenizedExample(row, 0, length) for row in ids])
         return lengths
+
+
+class _PendingRows:
+    """Pooled rows being copied to the host; ``result()`` waits for the copy (CUDA) and returns them."""
+
+    def __init__(self, rows: torch.Tensor, done: "torch.cuda.Event | None") -> None:
+        self._rows, self._done = rows, done
+
+    def result(self) -> torch.Tensor:
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+        return self._rows
 
 
 def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:

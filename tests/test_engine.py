@@ -111,3 +111,36 @@ def test_plan_batches_respects_both_bounds():
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(lengths, reverse=True)  # longest first
     assert [lengths[i] for i in batches[0]] == [100]  # too long for the budget: alone
+
+
+def test_one_string_gives_one_vector(engine):
+    vector = engine.encode("one sentence")
+    assert vector.shape == (engine.hidden_size,)
+    torch.testing.assert_close(vector, engine.encode(["one sentence"])[0])
+    assert engine.encode("one sentence", convert_to_numpy=True).shape == (engine.hidden_size,)
+
+
+def test_repr_says_what_is_loaded(engine, engine_dir):
+    text = repr(engine)
+    for part in (str(engine_dir), "family='llama'", f"hidden_size={engine.hidden_size}", "dtype=float32",
+                 "device='cpu'", "backend='reference'", "pooling='mean'"):
+        assert part in text, (part, text)
+
+
+def test_progress_bar_counts_inputs(engine, capsys):
+    engine.encode(sample_sentences(9, seed=2), batch_size=4, show_progress_bar=True)
+    err = capsys.readouterr().err
+    assert "9/9" in err and "input" in err  # three batches, nine inputs
+
+
+@pytest.mark.parametrize("option", ["normalize", "show_progress_bar", "convert_to_numpy"])
+def test_encode_flags_must_be_booleans(engine, option):
+    with pytest.raises(TypeError, match=option):
+        engine.encode(["a sentence"], **{option: "yes"})
+
+
+def test_an_unpaired_surrogate_names_its_input(engine):
+    with pytest.raises(ValueError, match="input 1: not valid Unicode text"):
+        engine.encode(["fine", "broken \ud800 text"])
+    with pytest.raises(ValueError, match="input 0: not valid Unicode text"):
+        engine.encode([("instruction \udfff", "text")])
