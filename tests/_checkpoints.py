@@ -215,7 +215,7 @@ def nbytes_per_layer(hidden: int, intermediate: int) -> int:
     return 4 * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden)
 
 
-def big(layers: int = 12, hidden: int = 512, intermediate: int = 1536) -> Path:
+def big(layers: int = 12, hidden: int = 384, intermediate: int = 1152) -> Path:
     """A cached ``write_big_checkpoint`` (long enough to convert that a signal lands mid-way)."""
     tokenizer_from = tiny("llama")  # built first: a nested build would take the same cache slot
     return _cached(("big", layers, hidden, intermediate),
