@@ -1,8 +1,16 @@
-"""Convert a local Hugging Face checkpoint (+ PEFT LoRA adapters) into the engine format.
+"""Convert a local Hugging Face checkpoint or sentence-transformers directory (+ PEFT LoRA adapters)
+into the engine format.
 
     python -m converters.hf2engine SRC OUT [--lora ADAPTER_DIR]... [--dtype bfloat16|float16|float32]
            [--pooling mean|weighted_mean|last_token|bos_token] [--max-length N] [--force] [--quiet]
-           [--keep-lm-head]
+           [--keep-lm-head] [--attention bidirectional|causal] [--[no-]append-eos] [--[no-]normalize]
+           [--[no-]include-prompt]
+
+Defaults, lowest to highest priority: the engine's (mean pooling, 512 tokens, bidirectional for a
+Hugging Face checkpoint, the LLM2Vec rule of pooling the text's tokens only); a sentence-transformers
+directory's modules (pooling, include_prompt, Normalize, max length, prompts; causal attention);
+``llm2vec_config.json`` of SRC then of each adapter; a config's own ``is_causal`` or
+``use_bidirectional_attention``; the flags.
 
 Streaming: every input is validated from its safetensors header first (names, shapes, byte ranges,
 adapter fit), then each layer's tensors are read memory-mapped, fused (q/k/v, gate/up), merged with
@@ -29,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.config import ConfigError, ModelConfig
+from engine.config import ATTENTION_KINDS, ConfigError, ModelConfig
 from engine.format import DTYPES, ENCODE_POOLING, ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, FormatError, shard_metadata
 
 from .lora import LLM2VEC_CONFIG, Adapter, merge, pooling_defaults
@@ -62,6 +70,7 @@ from .sources import (
     read_json,
     sha256_file,
 )
+from .sentence_transformers_dir import is_sentence_transformers_dir, read_sentence_transformers_dir
 
 __all__ = ["ConversionError", "convert", "main"]
 
@@ -71,16 +80,56 @@ DEFAULT_MAX_LENGTH = 512
 _FLOAT_TAGS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Buffers some older checkpoints carry; recomputed by the engine, safe to skip.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# Engine tensor name (inside layers.N) -> the Hugging Face tensors fused into it, in row order.
-_LAYER_FUSIONS = {
-    "attn_norm": ("input_layernorm.weight",),
-    "mlp_norm": ("post_attention_layernorm.weight",),
-    "qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-    "o.weight": ("self_attn.o_proj.weight",),
-    "gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "down.weight": ("mlp.down_proj.weight",),
-}
+
+
+def layer_fusions(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Engine tensor name (inside ``layers.N``) -> the Hugging Face tensors fused into it, in row order.
+
+    Gemma-2 has four norms per layer and names them differently: its ``post_attention_layernorm`` is
+    the norm on the attention output (``post_attn_norm``), where the other families use that name for
+    the MLP's input norm; the MLP's input norm is its ``pre_feedforward_layernorm``.
+    """
+    out: dict[str, tuple[str, ...]] = {
+        "attn_norm": ("input_layernorm.weight",),
+        "mlp_norm": ("pre_feedforward_layernorm.weight",) if cfg.post_norms else ("post_attention_layernorm.weight",),
+        "qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "o.weight": ("self_attn.o_proj.weight",),
+        "gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+        "down.weight": ("mlp.down_proj.weight",),
+    }
+    if cfg.qkv_bias:
+        out["qkv.bias"] = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+    if cfg.post_norms:
+        out["post_attn_norm"] = ("post_attention_layernorm.weight",)
+        out["post_mlp_norm"] = ("post_feedforward_layernorm.weight",)
+    if cfg.qk_norm:
+        out["q_norm"] = ("self_attn.q_norm.weight",)
+        out["k_norm"] = ("self_attn.k_norm.weight",)
+    return out
+
+
+def _layer_source_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor of one layer (name inside ``layers.N``) -> its shape from the config."""
+    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "self_attn.q_proj.weight": (cfg.q_size, H),
+        "self_attn.k_proj.weight": (cfg.kv_size, H),
+        "self_attn.v_proj.weight": (cfg.kv_size, H),
+        "self_attn.o_proj.weight": (H, cfg.q_size),
+        "mlp.gate_proj.weight": (I, H),
+        "mlp.up_proj.weight": (I, H),
+        "mlp.down_proj.weight": (H, I),
+    }
+    if cfg.qkv_bias:
+        shapes |= {"self_attn.q_proj.bias": (cfg.q_size,), "self_attn.k_proj.bias": (cfg.kv_size,),
+                   "self_attn.v_proj.bias": (cfg.kv_size,)}
+    if cfg.post_norms:
+        shapes |= {"pre_feedforward_layernorm.weight": (H,), "post_feedforward_layernorm.weight": (H,)}
+    if cfg.qk_norm:
+        shapes |= {"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)}
+    return shapes
 
 
 @dataclass
@@ -94,12 +143,10 @@ class _Plan:
 
     def layer_sources(self, i: int) -> dict[str, list[str]]:
         """Engine name -> source names for layer ``i``."""
-        out = {}
-        for engine_name, parts in _LAYER_FUSIONS.items():
-            if engine_name == "qkv.bias" and not self.cfg.qkv_bias:
-                continue
-            out[f"layers.{i}.{engine_name}"] = [f"{self.prefix}layers.{i}.{p}" for p in parts]
-        return out
+        return {
+            f"layers.{i}.{engine_name}": [f"{self.prefix}layers.{i}.{p}" for p in parts]
+            for engine_name, parts in layer_fusions(self.cfg).items()
+        }
 
 
 def convert(
@@ -112,18 +159,30 @@ def convert(
     force: bool = False,
     quiet: bool = False,
     keep_lm_head: bool = False,
+    *,
+    attention: str | None = None,
+    append_eos: bool | None = None,
+    normalize: bool | None = None,
+    include_prompt: bool | None = None,
 ) -> Path:
-    """Convert the Hugging Face checkpoint directory ``src`` (merging ``loras`` in order) into ``out``.
+    """Convert the Hugging Face checkpoint or sentence-transformers directory ``src`` (merging
+    ``loras`` in order) into ``out``.
 
-    ``dtype``: output dtype (default: the source's). ``pooling``/``max_length``: stored defaults
-    (default: an ``llm2vec_config.json`` of the last adapter that has one, else mean / 512).
-    Returns the resolved ``out``. Raises :class:`ConversionError` with a one-line message.
+    ``dtype``: output dtype (default: the source's). The stored input defaults ``pooling``,
+    ``max_length``, ``include_prompt``, ``append_eos``, ``normalize`` and ``attention``
+    (``bidirectional`` or ``causal``) override what the sources say (see the module docstring);
+    None keeps it. Returns the resolved ``out``. Raises :class:`ConversionError` with a one-line message.
     """
     dtype_name = _dtype_name(dtype)
     if pooling is not None and pooling not in ENCODE_POOLING:
         raise ConversionError(f"pooling {pooling!r} is not one of {', '.join(ENCODE_POOLING)}")
     if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
         raise ConversionError(f"max_length {max_length!r} is not a positive integer")
+    if attention is not None and attention not in ATTENTION_KINDS:
+        raise ConversionError(f"attention {attention!r} is not one of {', '.join(ATTENTION_KINDS)}")
+    for name, value in (("append_eos", append_eos), ("normalize", normalize), ("include_prompt", include_prompt)):
+        if value is not None and not isinstance(value, bool):
+            raise ConversionError(f"{name} {value!r} is not true or false")
 
     out_path = resolve_path(out)
     clash = overlapping_input(out_path, [src, *loras])
@@ -131,9 +190,13 @@ def convert(
         raise ConversionError(f"{out_path}: OUT would replace the input {clash} (OUT is, or contains, it)")
     sweep(out_path.parent, [out_path.name], kinds=("tmp", "old"))  # what a killed conversion left
     _check_out(out_path, force)
-    ckpt = Checkpoint.open(src)
+    st_dir = read_sentence_transformers_dir(src) if is_sentence_transformers_dir(src) else None
+    ckpt = Checkpoint.open(st_dir.transformer if st_dir is not None else src)
     try:
-        cfg = ModelConfig.from_hf(ckpt.config)
+        # A sentence-transformers directory runs its decoder as transformers does: causal unless the
+        # config says otherwise. LLM2Vec checkpoints are bidirectional.
+        cfg = ModelConfig.from_hf(ckpt.config, attention=attention,
+                                  default_attention="causal" if st_dir is not None else "bidirectional")
     except ConfigError as exc:
         raise ConversionError(f"{ckpt.path / 'config.json'}: {exc}") from None
     check_layer_count(ckpt, cfg.num_layers)
@@ -154,29 +217,36 @@ def convert(
         adapter.check_family(cfg.family, ckpt.path)
     if dtype_name is None:
         dtype_name = _source_dtype(ckpt, plan)
-    defaults = _pooling_defaults(ckpt, adapters)
-    pooling = pooling if pooling is not None else defaults.get("pooling", DEFAULT_POOLING)
-    max_length = max_length if max_length is not None else defaults.get("max_length", DEFAULT_MAX_LENGTH)
+    settings: dict[str, Any] = {"pooling": DEFAULT_POOLING, "include_prompt": False, "append_eos": False,
+                                "normalize": False, "prompts": {}, "default_prompt_name": None}
+    if st_dir is not None:
+        settings |= st_dir.defaults()
+    settings |= _pooling_defaults(ckpt, adapters)
+    flags = {"pooling": pooling, "max_length": max_length, "include_prompt": include_prompt,
+             "append_eos": append_eos, "normalize": normalize}
+    settings |= {k: v for k, v in flags.items() if v is not None}
+    settings["max_length"] = _max_length(settings.get("max_length"), cfg, ckpt.path)
+    if settings["append_eos"]:
+        _check_has_eos(ckpt)
 
     created = _make_parents(out_path.parent)
     tmp = None
     try:
         tmp = make_temp_dir(out_path.parent, out_path.name)
-        sources = {
+        sources: dict[str, Any] = {
             "checkpoint": {"path": str(ckpt.path), "files": file_hashes(ckpt.input_files(), ckpt.path)},
             "adapters": [a.source_record() for a in adapters],
         }
+        if st_dir is not None:
+            sources["sentence_transformers"] = {"path": str(st_dir.root), "files": file_hashes(st_dir.files, st_dir.root)}
         has_lm_head = _write_weights(tmp, ckpt, plan, adapters, DTYPES[dtype_name], quiet)
         for file in ckpt.tokenizer_files:
             shutil.copyfile(file, tmp / file.name)
-        engine_config = EngineConfig(
-            model=cfg,
-            dtype=dtype_name,
-            pooling=pooling,
-            max_length=max_length,
-            has_lm_head=has_lm_head,
-            sources=sources,
-        )
+        try:
+            engine_config = EngineConfig(model=cfg, dtype=dtype_name, has_lm_head=has_lm_head, sources=sources,
+                                         **settings)
+        except FormatError as exc:
+            raise ConversionError(str(exc)) from None
         (tmp / ENGINE_CONFIG).write_text(engine_config.to_json())
         _install(tmp, out_path, force)
         tmp = None
@@ -198,6 +268,28 @@ def convert(
 def _output_bytes(plan: _Plan, dtype: torch.dtype) -> int:
     """What the weights of OUT take, for the full-disk message."""
     return sum(math.prod(shape) for shape in plan.shapes.values()) * dtype.itemsize
+
+
+def _max_length(value: int | None, cfg: ModelConfig, where: Path) -> int:
+    """The stored max_length: ``value``, refused beyond the model's trained context (the engine would
+    refuse to load it); the built-in default is capped there instead."""
+    limit = cfg.max_position_embeddings
+    if value is None:
+        return DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit)
+    if limit is not None and value > limit:
+        raise ConversionError(f"{where}: max_length {value} exceeds the model's max_position_embeddings={limit}; "
+                              "pass a smaller --max-length")
+    return value
+
+
+def _check_has_eos(ckpt: Checkpoint) -> None:
+    """``append_eos`` needs the tokenizer to name an EOS token."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = ckpt.path / name
+        data = read_json(file) if file.is_file() else None
+        if isinstance(data, dict) and data.get("eos_token"):
+            return
+    raise ConversionError(f"{ckpt.path}: --append-eos: the tokenizer names no eos_token (tokenizer_config.json)")
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
@@ -233,23 +325,7 @@ def _plan(ckpt: Checkpoint, cfg: ModelConfig, keep_lm_head: bool) -> _Plan:
         raise ConversionError(f"{where}: missing tensor 'model.embed_tokens.weight' (or 'embed_tokens.weight')")
     H, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {f"{prefix}embed_tokens.weight": (V, H), f"{prefix}norm.weight": (H,)}
-    per_layer = {
-        "input_layernorm.weight": (H,),
-        "post_attention_layernorm.weight": (H,),
-        "self_attn.q_proj.weight": (cfg.q_size, H),
-        "self_attn.k_proj.weight": (cfg.kv_size, H),
-        "self_attn.v_proj.weight": (cfg.kv_size, H),
-        "self_attn.o_proj.weight": (H, cfg.q_size),
-        "mlp.gate_proj.weight": (I, H),
-        "mlp.up_proj.weight": (I, H),
-        "mlp.down_proj.weight": (H, I),
-    }
-    if cfg.qkv_bias:
-        per_layer |= {
-            "self_attn.q_proj.bias": (cfg.q_size,),
-            "self_attn.k_proj.bias": (cfg.kv_size,),
-            "self_attn.v_proj.bias": (cfg.kv_size,),
-        }
+    per_layer = _layer_source_shapes(cfg)
     for i in range(cfg.num_layers):
         shapes |= {f"{prefix}layers.{i}.{name}": shape for name, shape in per_layer.items()}
     keep = keep_lm_head and not cfg.tie_word_embeddings
@@ -482,12 +558,29 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert a local Hugging Face checkpoint (+ PEFT LoRA adapters, merged in order) into the "
         "engine format.",
     )
-    parser.add_argument("src", metavar="SRC", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("src", metavar="SRC", help="Hugging Face checkpoint directory (config.json, *.safetensors, "
+                        "tokenizer.json) or sentence-transformers directory (modules.json)")
     parser.add_argument("out", metavar="OUT", help="engine directory to write")
     parser.add_argument("--lora", metavar="ADAPTER_DIR", action="append", default=[], help="PEFT LoRA adapter to merge (repeatable; merged in the order given)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the source's)")
-    parser.add_argument("--pooling", choices=ENCODE_POOLING, help="default pooling (default: llm2vec_config.json, else mean)")
-    parser.add_argument("--max-length", type=int, metavar="N", help="default max tokens (default: llm2vec_config.json, else 512)")
+    parser.add_argument("--pooling", choices=ENCODE_POOLING,
+                        help="default pooling (default: the sentence-transformers Pooling module or llm2vec_config.json, "
+                        "else mean)")
+    parser.add_argument("--max-length", type=int, metavar="N",
+                        help="default max tokens (default: the sentence-transformers max length or llm2vec_config.json, "
+                        "else 512)")
+    parser.add_argument("--attention", choices=ATTENTION_KINDS,
+                        help="default: the config's is_causal / use_bidirectional_attention, else causal for a "
+                        "sentence-transformers directory and bidirectional (LLM2Vec) otherwise")
+    parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
+                        help="append the EOS token after truncating to max length - 1 (e5-mistral's last-token "
+                        "recipe; never when the tokenizer appends it itself); default: off")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="L2-normalise embeddings by default (default: a sentence-transformers Normalize module)")
+    parser.add_argument("--include-prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="pool every token the model reads, prompt and special tokens included, as "
+                        "sentence-transformers does; --no-include-prompt pools the text's own tokens only "
+                        "(default: the Pooling module's include_prompt, else the LLM2Vec rule)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is complete)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--keep-lm-head", action="store_true", help="also store a separate lm_head (for MNTP training)")
@@ -511,6 +604,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 force=args.force,
                 quiet=args.quiet,
                 keep_lm_head=args.keep_lm_head,
+                attention=args.attention,
+                append_eos=args.append_eos,
+                normalize=args.normalize,
+                include_prompt=args.include_prompt,
             )
     except (ConversionError, ConfigError, FormatError, OSError) as exc:
         print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)

@@ -6,7 +6,7 @@ Every op works on packed tokens:
 - ``rotary(q, k, cos, sin) -> (q, k)``, q: [tokens, heads, head_dim], cos/sin: [tokens, head_dim / 2]
   (the Triton backend rotates in place)
 - ``qk_norm_rotary(q, k, q_weight, k_weight, eps, cos, sin) -> (q, k)``: RMSNorm over each head of q
-  and k (weights [head_dim], Qwen3), then rotary
+  and k (weights [head_dim], Qwen3), then rotary (the Triton backend fuses both, in place)
 - ``attention(q, k, v, batch, dropout_p, *, causal, softcap, window, scale) -> [tokens, heads, head_dim]``
 - ``gated_activation(gate_up, activation) -> [tokens, intermediate]``
 - ``pool(hidden, plan, normalize) -> float32 [batch, hidden]``, ``plan``: an ``inputs.PoolingPlan``
@@ -52,13 +52,6 @@ def _reference_attention(
     )
 
 
-def _reference_qk_norm_rotary(q, k, q_weight, k_weight, eps, cos, sin):
-    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return norms.rms_norm_reference(x.reshape(-1, x.shape[-1]), w, eps)[0].view(x.shape)
-
-    return rotary.rotary_reference(norm(q, q_weight), norm(k, k_weight), cos, sin)
-
-
 def _reference_pool(hidden, plan, normalize):
     return pooling.segment_pool_reference(hidden, plan.starts, plan.ends, plan.mode, normalize, plan.weights)
 
@@ -92,7 +85,7 @@ REFERENCE = Ops(
     name="reference",
     rms_norm=norms.rms_norm_reference,
     rotary=rotary.rotary_reference,
-    qk_norm_rotary=_reference_qk_norm_rotary,
+    qk_norm_rotary=rotary.qk_norm_rotary_reference,
     attention=_reference_attention,
     gated_activation=activations.gated_activation_reference,
     pool=_reference_pool,
@@ -103,7 +96,7 @@ TRITON = Ops(
     name="triton",
     rms_norm=norms.rms_norm,
     rotary=rotary.rotary_,
-    qk_norm_rotary=_reference_qk_norm_rotary,  # TODO(issue 12): the fused q/k-norm + rotary kernel
+    qk_norm_rotary=rotary.qk_norm_rotary_,
     attention=_triton_attention,
     gated_activation=activations.gated_activation,
     pool=_triton_pool,
