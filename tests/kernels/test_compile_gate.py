@@ -109,3 +109,12 @@ def test_report_names_each_problem() -> None:
 
     assert sm90.Report("no log", shared=0).problems() == ["no register / spill report in the ptxas log"]
     assert sm90.Report("broken", error="CompilationError: x").problems() == ["compile error: CompilationError: x"]
+
+
+def test_missing_ptxas_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ptxas fails the gate with the reason (the fixture turns that exit into a test failure)."""
+    from triton.backends.nvidia import compiler
+
+    monkeypatch.setattr(compiler, "get_ptxas", lambda arch: type("Tool", (), {"path": "/nonexistent/ptxas"})())
+    with pytest.raises(FileNotFoundError, match="ptxas for sm_90 was not found"):
+        sm90.ptxas_path()
