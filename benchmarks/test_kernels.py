@@ -2,9 +2,12 @@
 
 On a GPU: realistic shapes in bfloat16; each case is warmed up (compilation, autotuning), timed with
 CUDA events by ``triton.testing.do_bench``, and reported in ``extra_info`` as ``ms`` plus ``tflops``
-(attention; non-causal FLOPs = 4 * sum(L_i^2) * n_heads * head_dim) or ``gbps`` (memory-bound kernels:
-bytes that must cross HBM at least once). The benchmark fixture's own wall-clock rounds synchronise
-after every call. Attention runs beside torch SDPA on the same (equal-length) shapes.
+(attention: 4 * sum(L_i^2) * n_heads * head_dim FLOPs, causal 4 * sum(L_i (L_i + 1) / 2) * ...: the
+work above the diagonal is not counted) or ``gbps`` (memory-bound kernels: bytes that must cross HBM
+at least once). The benchmark fixture's own wall-clock rounds synchronise after every call.
+Attention runs bidirectional, causal and soft-capped (Gemma-2's cap of 50), its work list built once
+outside the timing as the engine builds it once per batch, beside torch SDPA on the same
+(equal-length) shapes. The causal and soft-capped rows are GPU-only.
 
 On CPU the kernels run through the Triton interpreter on tiny shapes, a couple of rounds each, so
 ``pytest benchmarks/`` checks the benchmark code in seconds; those figures measure nothing.
@@ -28,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from kernels.activations import gated_activation  # noqa: E402
-from kernels.attention import varlen_attention  # noqa: E402
+from kernels.attention import attention_plan, varlen_attention  # noqa: E402
 from kernels.norms import rms_norm  # noqa: E402
 from kernels.pooling import rms_norm_segment_pool, segment_pool  # noqa: E402
 from kernels.rotary import rotary_, rotary_cos_sin, rotary_inv_freq  # noqa: E402
@@ -74,13 +77,27 @@ TOKENS = 16384 if CUDA else 48
 SEQLENS = [1024, 2048, 4096] if CUDA else [16]
 
 
-def attention_flops(lengths: list[int]) -> float:
-    return 4.0 * sum(n * n for n in lengths) * N_HEADS * HEAD_DIM
+def attention_flops(lengths: list[int], causal: bool = False) -> float:
+    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+    return 4.0 * pairs * N_HEADS * HEAD_DIM
+
+
+# Attention variants: the flags of varlen_attention. Only the bidirectional one runs on CPU (the
+# interpreter's figures measure nothing; one row checks the code).
+ATTENTION_VARIANTS = {"bidirectional": {}, "causal": dict(causal=True), "softcap": dict(softcap=50.0)}
+
+
+def _attention_variant(name: str) -> dict:
+    if name != "bidirectional" and not CUDA:
+        pytest.skip("GPU-only row: the interpreter's timings measure nothing")
+    return ATTENTION_VARIANTS[name]
 
 
 @pytest.mark.benchmark(group="attention")
+@pytest.mark.parametrize("variant", list(ATTENTION_VARIANTS))
 @pytest.mark.parametrize("seqlen", SEQLENS)
-def test_varlen_attention(benchmark, seqlen: int) -> None:
+def test_varlen_attention(benchmark, seqlen: int, variant: str) -> None:
+    flags = _attention_variant(variant)
     lengths = [seqlen] * (TOKENS // seqlen)
     n = sum(lengths)
     # Views of a fused qkv projection, as the engine passes them.
@@ -89,33 +106,43 @@ def test_varlen_attention(benchmark, seqlen: int) -> None:
     k = qkv[:, N_HEADS * HEAD_DIM : (N_HEADS + N_KV) * HEAD_DIM].view(n, N_KV, HEAD_DIM)
     v = qkv[:, (N_HEADS + N_KV) * HEAD_DIM :].view(n, N_KV, HEAD_DIM)
     bounds = torch.tensor([0] + lengths).cumsum(0).to(dtype=torch.int32, device=DEVICE)
+    plan = attention_plan(lengths, N_HEADS // N_KV, DEVICE)
     out = torch.empty_like(q)
-    benchmark.extra_info["shape"] = f"{len(lengths)}x{seqlen} H={N_HEADS} KV={N_KV} D={HEAD_DIM} {DTYPE}"
-    measure(benchmark, lambda: varlen_attention(q, k, v, bounds, seqlen, out=out), flops=attention_flops(lengths))
+    benchmark.extra_info["shape"] = f"{len(lengths)}x{seqlen} H={N_HEADS} KV={N_KV} D={HEAD_DIM} {DTYPE} {variant}"
+    measure(benchmark, lambda: varlen_attention(q, k, v, bounds, seqlen, out=out, plan=plan, **flags),
+            flops=attention_flops(lengths, flags.get("causal", False)))
 
 
 @pytest.mark.benchmark(group="attention")
-def test_varlen_attention_mixed_lengths(benchmark) -> None:
+@pytest.mark.parametrize("variant", list(ATTENTION_VARIANTS))
+def test_varlen_attention_mixed_lengths(benchmark, variant: str) -> None:
     """A packed batch of unequal lengths (what padding-based attention wastes work on)."""
+    flags = _attention_variant(variant)
     lengths = [4096, 1500, 3000, 700, 2048, 1024, 2500, 600, 512, 300] if CUDA else [40, 3, 17]
     n = sum(lengths)
     q, k, v = randn(n, N_HEADS, HEAD_DIM), randn(n, N_KV, HEAD_DIM), randn(n, N_KV, HEAD_DIM)
     bounds = torch.tensor([0] + lengths).cumsum(0).to(dtype=torch.int32, device=DEVICE)
-    benchmark.extra_info["shape"] = f"lengths={lengths} H={N_HEADS} KV={N_KV} D={HEAD_DIM} {DTYPE}"
-    measure(benchmark, lambda: varlen_attention(q, k, v, bounds, max(lengths)), flops=attention_flops(lengths))
+    plan = attention_plan(lengths, N_HEADS // N_KV, DEVICE)
+    benchmark.extra_info["shape"] = f"lengths={lengths} H={N_HEADS} KV={N_KV} D={HEAD_DIM} {DTYPE} {variant}"
+    measure(benchmark, lambda: varlen_attention(q, k, v, bounds, max(lengths), plan=plan, **flags),
+            flops=attention_flops(lengths, flags.get("causal", False)))
 
 
 @pytest.mark.benchmark(group="attention")
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("seqlen", SEQLENS)
-def test_torch_sdpa(benchmark, seqlen: int) -> None:
+def test_torch_sdpa(benchmark, seqlen: int, causal: bool) -> None:
     """torch SDPA (flash backend on a GPU) on the same shapes, padded-free since lengths are equal."""
+    if causal and not CUDA:
+        pytest.skip("GPU-only row: the interpreter's timings measure nothing")
     batch = TOKENS // seqlen
     q = randn(batch, N_HEADS, seqlen, HEAD_DIM)
     # kv heads repeated outside the timing: SDPA's flash path takes equal head counts.
     k = randn(batch, N_KV, seqlen, HEAD_DIM).repeat_interleave(N_HEADS // N_KV, dim=1)
     v = randn(batch, N_KV, seqlen, HEAD_DIM).repeat_interleave(N_HEADS // N_KV, dim=1)
-    benchmark.extra_info["shape"] = f"{batch}x{seqlen} H={N_HEADS} D={HEAD_DIM} {DTYPE}"
-    measure(benchmark, lambda: F.scaled_dot_product_attention(q, k, v), flops=attention_flops([seqlen] * batch))
+    benchmark.extra_info["shape"] = f"{batch}x{seqlen} H={N_HEADS} D={HEAD_DIM} {DTYPE}{' causal' if causal else ''}"
+    measure(benchmark, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            flops=attention_flops([seqlen] * batch, causal))
 
 
 # --- memory-bound kernels ----------------------------------------------------------------------------

@@ -69,7 +69,8 @@ def _triton_attention(
     if dropout_p:
         raise ValueError("the triton backend is for inference; attention dropout needs backend='reference'")
     return attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, scale,
-                                      causal=causal, softcap=softcap, window=window)
+                                      causal=causal, softcap=softcap, window=window,
+                                      plan=batch.attention_plan(q.shape[1] // k.shape[1]))
 
 
 def _triton_pool(hidden, plan, normalize):

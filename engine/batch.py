@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from kernels.attention import rows_by_length
+from kernels.attention import AttentionPlan, attention_plan, rows_by_length
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,19 @@ class PackedBatch:
         """int64 [seqs, length] token rows per distinct sequence length, on the batch's device: built
         on the first call (one host-to-device copy per group) and shared by every layer."""
         return rows_by_length(self.seqlens, self.input_ids.device)
+
+    @cached_property
+    def _attention_plans(self) -> dict[int, AttentionPlan]:
+        return {}
+
+    def attention_plan(self, group: int) -> AttentionPlan:
+        """The Triton attention's work list for ``group`` q heads per kv head (every tile height it may
+        be tuned to): built from the host lengths on the first call (one host-to-device copy, no
+        sync) and shared by every layer."""
+        plans = self._attention_plans
+        if group not in plans:
+            plans[group] = attention_plan(self.seqlens, group, self.input_ids.device)
+        return plans[group]
 
 
 def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> PackedBatch:

@@ -1,9 +1,12 @@
-"""What every kernel launcher checks the same way: where it may run, which dtypes, row layouts."""
+"""What every kernel launcher checks the same way (where it may run, which dtypes, row layouts) and
+how autotuned kernels keep their tuning across processes."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
+import triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HIDDEN = 65536  # row kernels hold a whole [hidden] row in registers
@@ -37,3 +40,11 @@ def check_rows(name: str, t: torch.Tensor) -> tuple[int, int]:
     if t.stride(1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension")
     return n_rows, n_cols
+
+
+def autotune_cache_kwargs() -> dict:
+    """``{"cache_results": True}`` where ``triton.autotune`` has it (triton >= 3.4: 3.9 here, 3.6 on
+    the GPU machines), else ``{}``. Tuned configs are then written under TRITON_CACHE_DIR and reused by
+    every later process with the same triton, GPU, kernel source, key and config list, so tuning runs
+    once per machine rather than at the first call of every process. The interpreter never caches."""
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
