@@ -24,9 +24,10 @@ import torch
 from kernels import activations, attention, norms, pooling, rotary
 from kernels._common import interpreting
 
+from . import cpu_ops
 from .batch import PackedBatch
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
 
 
 @dataclass(frozen=True)
@@ -111,15 +112,33 @@ TRITON = Ops(
 )
 
 
+# The reference arithmetic rearranged for CPUs (in place, in cache-sized blocks, attention on views):
+# the same values as REFERENCE, for inference; see engine/cpu_ops.py.
+CPU = Ops(
+    name="cpu",
+    rms_norm=cpu_ops.rms_norm,
+    rotary=cpu_ops.rotary_,
+    qk_norm_rotary=cpu_ops.qk_norm_rotary,
+    attention=cpu_ops.attention,
+    gated_activation=cpu_ops.gated_activation,
+    pool=cpu_ops.pool,
+    norm_pool=cpu_ops.norm_pool,
+)
+
+
 def default_backend(device: torch.device) -> str:
-    """``triton`` on CUDA, ``reference`` elsewhere."""
-    return "triton" if device.type == "cuda" else "reference"
+    """``triton`` on CUDA, ``cpu`` on the CPU, ``reference`` elsewhere."""
+    return {"cuda": "triton", "cpu": "cpu"}.get(device.type, "reference")
 
 
 def get_ops(name: str, device: torch.device) -> Ops:
     """The ops of backend ``name`` for tensors on ``device``; a clear error where they cannot run."""
     if name == "reference":
         return REFERENCE
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on the CPU, not on {device}")
+        return CPU
     if name == "triton":
         if device.type != "cuda" and not interpreting():
             raise ValueError(
