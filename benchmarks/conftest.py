@@ -46,7 +46,7 @@ class Bench:
             from systems import TransformersEncoder, load_engine
 
             if name == "transformers":
-                self._systems[name] = TransformersEncoder(self.hf_dir, self.setup)
+                self._systems[name] = TransformersEncoder.from_dir(self.hf_dir, self.setup)
             else:
                 self._systems[name] = load_engine(self.engine_dir, self.setup, name.removeprefix("engine_"))
         return self._systems[name]

@@ -73,17 +73,24 @@ class BenchSetup:
         )
 
     def matmul_params_per_layer(self) -> int:
-        s = self.shape
-        q, kv = s["num_heads"] * s["head_dim"], s["num_kv_heads"] * s["head_dim"]
-        return s["hidden_size"] * (q + 2 * kv) + q * s["hidden_size"] + 3 * s["hidden_size"] * s["intermediate_size"]
+        return matmul_params_per_layer(self.shape)
 
     def encode_flops(self, lengths: Sequence[int], layers: int | None = None) -> float:
         """Useful FLOPs to encode sequences of these token counts (see the module docstring)."""
-        layers = self.layers if layers is None else layers
-        s = self.shape
-        per_layer_matmul = 2 * self.matmul_params_per_layer()
-        attn = 4 * s["num_heads"] * s["head_dim"]
-        return float(layers * sum(n * per_layer_matmul + attn * n * n for n in lengths))
+        return encode_flops(self.shape, self.layers if layers is None else layers, lengths)
+
+
+def matmul_params_per_layer(shape: dict) -> int:
+    """Matrix parameters of one layer of a model of ``shape`` (a dict like :data:`MISTRAL_7B`)."""
+    q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
+    return shape["hidden_size"] * (q + 2 * kv) + q * shape["hidden_size"] + 3 * shape["hidden_size"] * shape["intermediate_size"]
+
+
+def encode_flops(shape: dict, layers: int, lengths: Sequence[int]) -> float:
+    """Useful FLOPs to encode sequences of these token counts (see the module docstring)."""
+    per_layer_matmul = 2 * matmul_params_per_layer(shape)
+    attn = 4 * shape["num_heads"] * shape["head_dim"]
+    return float(layers * sum(n * per_layer_matmul + attn * n * n for n in lengths))
 
 
 def build_checkpoints(setup: BenchSetup, root: Path) -> tuple[Path, Path]:
@@ -140,20 +147,21 @@ class TransformersEncoder:
     rotary attention depends only on position differences, so the result is the same.
     """
 
-    def __init__(self, hf_dir: Path, setup: BenchSetup, max_length: int = 512) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.device, self.dtype, self.max_length = setup.device, setup.dtype, max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    def __init__(self, model, tokenizer, device: torch.device, dtype: torch.dtype, max_length: int = 512) -> None:
+        self.device, self.dtype, self.max_length = device, dtype, max_length
+        self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
-        self.model = (
-            AutoModel.from_pretrained(str(hf_dir), dtype=setup.dtype, attn_implementation="sdpa")
-            .to(setup.device)
-            .eval()
-            .requires_grad_(False)
-        )
+        self.model = model.eval().requires_grad_(False)
         self.hidden_size = self.model.config.hidden_size
         self.padded_tokens = 0  # tokens computed by the last encode call, padding included
+
+    @classmethod
+    def from_dir(cls, hf_dir: Path, setup: BenchSetup, max_length: int = 512) -> "TransformersEncoder":
+        """``AutoModel`` with SDPA attention from a saved checkpoint."""
+        from transformers import AutoModel, AutoTokenizer
+
+        model = AutoModel.from_pretrained(str(hf_dir), dtype=setup.dtype, attn_implementation="sdpa").to(setup.device)
+        return cls(model, AutoTokenizer.from_pretrained(str(hf_dir)), setup.device, setup.dtype, max_length)
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = BATCH_SIZE, skip_bos: bool = False) -> torch.Tensor:
@@ -179,3 +187,41 @@ class TransformersEncoder:
             pooled = (hidden * weights).sum(1) / weights.sum(1)
             out[torch.tensor(chunk)] = pooled.float().cpu()
         return out
+
+
+def transformers_sharing_weights(engine_model, hf_config, attn_implementation: str = "sdpa"):
+    """The transformers ``*Model`` of ``hf_config`` whose parameters are views of ``engine_model``'s (the
+    fused q/k/v and gate/up rows split back): the same weights with no copy, for a side-by-side run of
+    a model that exists only in memory. Llama-layout families (Llama, Mistral, Qwen2) only."""
+    from torch import nn
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        hf = AutoModel.from_config(hf_config, attn_implementation=attn_implementation)
+    cfg = engine_model.cfg
+    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+
+    def share(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+
+    share(hf.embed_tokens, "weight", engine_model.embed.weight)
+    share(hf.norm, "weight", engine_model.norm)
+    for ours, theirs in zip(engine_model.layers, hf.layers):
+        attn, mlp = theirs.self_attn, theirs.mlp
+        share(theirs.input_layernorm, "weight", ours.attn_norm)
+        share(theirs.post_attention_layernorm, "weight", ours.mlp_norm)
+        for proj, rows in ((attn.q_proj, slice(0, q)), (attn.k_proj, slice(q, q + kv)), (attn.v_proj, slice(q + kv, q + 2 * kv))):
+            share(proj, "weight", ours.qkv.weight[rows])
+            if ours.qkv.bias is not None:
+                share(proj, "bias", ours.qkv.bias[rows])
+        share(attn.o_proj, "weight", ours.o.weight)
+        share(mlp.gate_proj, "weight", ours.gate_up.weight[:inter])
+        share(mlp.up_proj, "weight", ours.gate_up.weight[inter:])
+        share(mlp.down_proj, "weight", ours.down.weight)
+    device = engine_model.embed.weight.device
+    with torch.device("cpu"):  # its buffers, computed off the meta device (the signature varies by version)
+        hf.rotary_emb = type(hf.rotary_emb)(hf.config).to(device)
+    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"tensors of the transformers model not shared with the engine model: {left[:5]}")
+    return hf.eval()
