@@ -1,13 +1,18 @@
-"""The benchmark model and the three systems compared on it, plus the FLOP count.
+"""The benchmark models and the systems compared on them, plus the FLOP count.
 
-One random Mistral-family checkpoint is saved with ``converters.tiny_models.save_tiny_checkpoint`` and
-converted with ``converters.hf2engine.convert``; every system loads its weights from those two
-directories, so all of them run the same shapes and the same weights:
+One random checkpoint per setup (Mistral-family for the encode suite, Qwen2-family for the CPU fast
+path) is saved with ``converters.tiny_models.save_tiny_checkpoint`` and converted with
+``converters.hf2engine.convert``; every system loads its weights from those two directories, so all
+of them run the same shapes and the same weights:
 
 - ``engine_triton``: ``Engine(backend="triton")``, the fast path (CUDA only);
+- ``engine_cpu``: ``Engine(backend="cpu")``, the CPU path (CPU only);
 - ``engine_reference``: ``Engine(backend="reference")``, the plain-PyTorch path;
 - ``transformers``: ``AutoModel`` with SDPA attention, run the way LLM2Vec runs it (see
   :class:`TransformersEncoder`).
+
+:func:`matmul_peak_gflops` measures the ceiling the CPU fast path is judged against: the model's own
+four matrix products of one layer, at the batch's token count, in the same run.
 
 FLOPs (:func:`encode_flops`) count useful work only, on the real tokens of each input: per token,
 ``2 * P`` for the matrix products (``P`` = the non-embedding matrix parameters, per layer
@@ -28,10 +33,13 @@ import torch
 MISTRAL_7B = dict(hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336, vocab_size=32000)
 # A small model with Mistral's proportions (GQA 4:1, MLP 3.5x) for the CPU suite.
 CPU_SMALL = dict(hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=896, vocab_size=32000)
+# Qwen2-0.5B's proportions (q/k/v bias, GQA 7:1, MLP 5.4x) with a 32k vocabulary: the CPU fast path's model.
+QWEN2_05B = dict(hidden_size=896, num_heads=14, num_kv_heads=2, head_dim=64, intermediate_size=4864, vocab_size=32000)
+CPU_FAST_LEN, CPU_FAST_INPUTS = 128, 16  # the CPU fast-path corpus: 16 inputs of 128 tokens, one batch
 FULL_LAYERS = 32  # Mistral-7B's depth, for the per-layer scaling
 PEAK_TFLOPS = float(os.environ.get("BENCH_PEAK_TFLOPS", "800"))  # measured bf16 matmul ceiling of the lent H100
 BATCH_SIZE = 32  # LLM2Vec's default encode batch size; the engine gets the same number of inputs per batch
-SYSTEMS = ("engine_triton", "engine_reference", "transformers")
+SYSTEMS = ("engine_triton", "engine_cpu", "engine_reference", "transformers")
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,17 @@ class BenchSetup:
     long_len: int
     rounds: int
     warmup_rounds: int
+    family: str = "mistral"
+
+    @classmethod
+    def cpu_fast_path(cls) -> "BenchSetup":
+        """The CPU fast-path benchmark: the Qwen2-0.5B shape in bfloat16 on the CPU, ``BENCH_CPU_LAYERS``
+        layers (default 2), ``BENCH_ROUNDS`` rounds (default 3)."""
+        return cls(
+            device=torch.device("cpu"), dtype=torch.bfloat16, shape_name="Qwen2-0.5B shape", shape=QWEN2_05B,
+            layers=int(os.environ.get("BENCH_CPU_LAYERS", "2")), long_len=CPU_FAST_LEN,
+            rounds=int(os.environ.get("BENCH_ROUNDS", "3")), warmup_rounds=1, family="qwen2",
+        )
 
     @classmethod
     def from_env(cls) -> "BenchSetup":
@@ -93,6 +112,28 @@ def encode_flops(shape: dict, layers: int, lengths: Sequence[int]) -> float:
     return float(layers * sum(n * per_layer_matmul + attn * n * n for n in lengths))
 
 
+def matmul_peak_gflops(shape: dict, tokens: int, dtype: torch.dtype, reps: int = 2) -> float:
+    """GFLOP/s of one layer's four matrix products of a model of ``shape`` (q/k/v, output, gate/up, down)
+    at ``tokens`` rows, random operands on the CPU, the best of ``reps`` timings. The outputs are
+    allocated once, so the figure is the BLAS's, not the allocator's."""
+    import time
+
+    q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    g = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(tokens, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype).t(),
+              torch.empty(tokens, n, dtype=dtype)) for n, k in ((q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter))]
+    for x, w, out in cases:  # warm: the BLAS picks its kernels, the pages are touched
+        torch.mm(x, w, out=out)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for x, w, out in cases:
+            torch.mm(x, w, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * tokens * matmul_params_per_layer(shape) / best / 1e9
+
+
 def build_checkpoints(setup: BenchSetup, root: Path) -> tuple[Path, Path]:
     """Save the random Hugging Face checkpoint and convert it: ``(hf_dir, engine_dir)``.
 
@@ -105,13 +146,13 @@ def build_checkpoints(setup: BenchSetup, root: Path) -> tuple[Path, Path]:
     cache = os.environ.get("BENCH_CACHE_DIR")
     if cache:
         s = setup.shape
-        key = f"mistral-h{s['hidden_size']}-i{s['intermediate_size']}-l{setup.layers}-{str(setup.dtype).removeprefix('torch.')}"
+        key = f"{setup.family}-h{s['hidden_size']}-i{s['intermediate_size']}-l{setup.layers}-{str(setup.dtype).removeprefix('torch.')}"
         root = Path(cache) / key
     hf_dir, engine_dir = root / "hf", root / "engine"
     if not (hf_dir / "config.json").is_file():
         save_tiny_checkpoint(
             hf_dir,
-            "mistral",
+            setup.family,
             num_layers=setup.layers,
             max_shard_size="2GB",
             bare_model=True,
@@ -123,10 +164,10 @@ def build_checkpoints(setup: BenchSetup, root: Path) -> tuple[Path, Path]:
     return hf_dir, engine_dir
 
 
-def load_engine(engine_dir: Path, setup: BenchSetup, backend: str):
+def load_engine(engine_dir: Path, setup: BenchSetup, backend: str, dtype: torch.dtype | None = None):
     from engine import Engine
 
-    return Engine.from_pretrained(engine_dir, device=setup.device, dtype=setup.dtype, backend=backend)
+    return Engine.from_pretrained(engine_dir, device=setup.device, dtype=dtype or setup.dtype, backend=backend)
 
 
 def bidirectional_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -13,6 +13,9 @@ Every op works on packed tokens:
   (spans validated on the host, optional per-token weights)
 - ``norm_pool(x, residual, weight, eps, offset, plan, normalize) -> float32 [batch, hidden]``:
   the final residual add, RMSNorm and pooling in one, reading only the pooled rows
+- ``gated_mlp(h, gate_up, down, activation) -> [tokens, hidden]`` (optional): the whole MLP,
+  ``down(gated_activation(gate_up(h)))`` with the layer's two ``nn.Linear``; None: the model composes
+  it from its products and ``gated_activation``
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class Ops:
     gated_activation: Callable[..., torch.Tensor]
     pool: Callable[..., torch.Tensor]
     norm_pool: Callable[..., torch.Tensor]
+    gated_mlp: Callable[..., torch.Tensor] | None = None
 
 
 def _reference_attention(
@@ -123,6 +127,7 @@ CPU = Ops(
     gated_activation=cpu_ops.gated_activation,
     pool=cpu_ops.pool,
     norm_pool=cpu_ops.norm_pool,
+    gated_mlp=cpu_ops.gated_mlp,
 )
 
 

@@ -10,8 +10,10 @@ same operations in the same dtypes and order, hence the same values) but
 - in place, in buffers the model no longer needs: the residual add goes into the residual stream,
   the normed rows into the block output they came from, rotary into the fused qkv projection, the
   gated activation into the gate half of the gate/up projection, the attention output into q's slot;
-- in blocks of rows of about ``BLOCK_ELEMENTS`` elements, so that float32 temporaries stay in cache
-  and the allocator hands the same small blocks back every time;
+- in blocks of rows of about ``BLOCK_ELEMENTS`` elements, so that float32 temporaries stay small and
+  the allocator hands the same blocks back every time;
+- the MLP in blocks of tokens, so that the [tokens, 2 * intermediate] gate/up projection never
+  exists whole;
 - attention over runs of consecutive sequences of one length as strided views of the packed q, k
   and v (one ``scaled_dot_product_attention`` call per run; ``encode`` batches are sorted by length,
   so a batch is a few runs): no gather, no scatter.
@@ -30,12 +32,18 @@ from kernels.pooling import segment_pool_reference
 
 from .batch import PackedBatch
 
-# Rows per block: about 256k elements, so a block's float32 temporaries (1 MB each) stay in a core's L2.
-BLOCK_ELEMENTS = 1 << 18
+# Rows per block: about 1M elements, so that a block's float32 temporaries (4 MB each) are handed back
+# by the heap, far below glibc's largest mmap threshold (32 MB), while the ops stay few: every op is
+# a parallel region, and where the cores are shared each region waits for every thread.
+BLOCK_ELEMENTS = 1 << 20
+# Rows per MLP block: about 4M gate/up outputs (8 MB in bf16), a few hundred tokens: large enough for
+# the matrix products to run at full speed, small enough to stay below that threshold.
+MLP_BLOCK_ELEMENTS = 1 << 22
 
 
-def _blocks(n_rows: int, row_elements: int) -> Iterator[slice]:
-    step = max(1, BLOCK_ELEMENTS // max(1, row_elements))
+def _blocks(n_rows: int, row_elements: int, block_elements: int | None = None) -> Iterator[slice]:
+    block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
+    step = max(1, block_elements // max(1, row_elements))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
 
@@ -79,11 +87,12 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         half = x.shape[-1] // 2
         for rows in _blocks(x.shape[0], x[0].numel() if x.shape[0] else 1):
             x1, x2 = x[rows, :, :half], x[rows, :, half:]
-            f1, f2 = x1.float(), x2.float()
+            f1, f2 = x1.float(), x2.float()  # float32 inputs: the views themselves, so write last
             c, s = cos[rows, None, :], sin[rows, None, :]
-            first = f1 * c - f2 * s
-            x2.copy_(f2 * c + f1 * s)
+            first = (f1 * c).sub_(f2 * s)
+            second = (f2 * c).add_(f1 * s)
             x1.copy_(first)
+            x2.copy_(second)
     return q, k
 
 
@@ -103,14 +112,28 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
         raise ValueError(f"unknown activation {activation!r}; expected one of ('silu', 'gelu_tanh')")
     n = gate_up.shape[-1] // 2
     gate, up = gate_up[:, :n], gate_up[:, n:]
-    for rows in _blocks(gate_up.shape[0], 2 * n):
-        g = gate[rows]
-        if activation == "silu":
-            F.silu(g, inplace=True)
+    # No temporaries, so no blocks: two passes, whose first leaves the gate in cache only if small.
+    if activation == "silu":
+        F.silu(gate, inplace=True)
+    else:
+        torch.ops.aten.gelu_(gate, approximate="tanh")
+    return gate.mul_(up)
+
+
+def gated_mlp(h: torch.Tensor, gate_up: torch.nn.Linear, down: torch.nn.Linear, activation: str) -> torch.Tensor:
+    """``down(act(gate) * up)`` over blocks of ``MLP_BLOCK_ELEMENTS`` gate/up outputs, written into one
+    [tokens, hidden] output: the [tokens, 2 * intermediate] projection, the largest activation of the
+    model, never exists whole (a block is reused from the heap instead of being faulted in at every
+    layer). h: [tokens, hidden]."""
+    _inference_only(h)
+    out = torch.empty((h.shape[0], down.out_features), dtype=h.dtype, device=h.device)
+    for rows in _blocks(h.shape[0], gate_up.out_features, MLP_BLOCK_ELEMENTS):
+        act = gated_activation(F.linear(h[rows], gate_up.weight, gate_up.bias), activation)
+        if down.bias is None:
+            torch.mm(act, down.weight.t(), out=out[rows])
         else:
-            torch.ops.aten.gelu_(g, approximate="tanh")
-        g.mul_(up[rows])
-    return gate
+            torch.addmm(down.bias, act, down.weight.t(), out=out[rows])
+    return out
 
 
 def equal_length_runs(seqlens: tuple[int, ...]) -> list[tuple[int, int, int]]:

@@ -1,12 +1,16 @@
 """The CPU backend (engine/cpu_ops.py): the reference's arithmetic, in place and in blocks.
 
-Each op is compared with the reference op it replaces on fresh random inputs, with the block size
-shrunk so that several blocks run; the CPU backend computes the same operations in the same dtypes,
-so the values must be identical, not merely close. Then whole engines: ``backend="cpu"`` against
-``backend="reference"`` on Llama and Gemma layouts, float32 and bfloat16, two pooling modes.
+Each op is compared with the reference op it replaces on fresh random inputs, with the block sizes
+shrunk so that several blocks run. The element-wise ops and attention compute the same operations in
+the same dtypes, so their values must be identical, not merely close. The MLP runs its matrix
+products over blocks of rows, whose float32 rounding may differ with the row count: in float32 it
+must agree to float32 rounding, in bfloat16 be as close to a float32 computation as the reference is
+(at most 2x its error, FlashAttention's rule). Then whole engines, ``backend="cpu"`` against
+``backend="reference"``, on Llama and Gemma layouts, two pooling modes, by the same rules.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from _checkpoints import tiny
 from converters.hf2engine import convert
@@ -24,10 +28,26 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(cpu_ops, "BLOCK_ELEMENTS", 200)  # several blocks even on tiny inputs
+    monkeypatch.setattr(cpu_ops, "MLP_BLOCK_ELEMENTS", 1000)
 
 
 def _same(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def _f(t):
+    return None if t is None else t.float()
+
+
+def _as_close_as_the_reference(actual, reference, truth):
+    """float32: within float32 rounding of the reference; bfloat16: no further from a float32 truth
+    than the reference is, within a factor 2."""
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-6)
+        return
+    err = (actual.double() - truth.double()).abs().max()
+    ref_err = (reference.double() - truth.double()).abs().max()
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -83,6 +103,19 @@ def test_gated_activation(dtype, activation):
     _same(cpu_ops.gated_activation(gu.clone(), activation), expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp(dtype, bias):
+    torch.manual_seed(5)
+    gate_up, down = torch.nn.Linear(16, 2 * 24, bias=bias).to(dtype), torch.nn.Linear(24, 16, bias=bias).to(dtype)
+    h = torch.randn(45, 16).to(dtype)
+    with torch.inference_mode():
+        expected = down(gated_activation_reference(gate_up(h), "silu"))
+        truth = F.linear(gated_activation_reference(F.linear(h.float(), gate_up.weight.float(), _f(gate_up.bias)), "silu"),
+                         down.weight.float(), _f(down.bias))
+        _as_close_as_the_reference(cpu_ops.gated_mlp(h, gate_up, down, "silu"), expected, truth)
+
+
 def test_equal_length_runs():
     assert cpu_ops.equal_length_runs((3, 3, 5, 0, 5, 3, 1, 1)) == [(0, 3, 2), (6, 5, 2), (16, 3, 1), (19, 1, 2)]
     assert cpu_ops.equal_length_runs(()) == []
@@ -132,10 +165,12 @@ def test_engine_cpu_backend_equals_reference(engine_dir, dtype):
     for pooling in ("mean", "last_token"):
         ref = Engine.from_pretrained(engine_dir, dtype=dtype, backend="reference", pooling=pooling)
         cpu = Engine.from_pretrained(engine_dir, dtype=dtype, backend="cpu", pooling=pooling)
-        _same(cpu.encode(texts, batch_size=4), ref.encode(texts, batch_size=4))
+        f32 = Engine.from_pretrained(engine_dir, dtype=torch.float32, backend="reference", pooling=pooling)
+        truth = f32.encode(texts, batch_size=4)
+        _as_close_as_the_reference(cpu.encode(texts, batch_size=4), ref.encode(texts, batch_size=4), truth)
         # embed_tokenized in input order: equal lengths need not be adjacent.
         items = ref.tokenize(texts)
-        _same(cpu.embed_tokenized(items), ref.embed_tokenized(items))
+        _as_close_as_the_reference(cpu.embed_tokenized(items), ref.embed_tokenized(items), f32.embed_tokenized(items))
 
 
 def test_cpu_backend_needs_the_cpu(engine_dir):
