@@ -5,7 +5,7 @@ TRITON_INTERPRET must be set before triton is first imported, so it is set here 
 The encode benchmarks do not use the interpreter: the fast path is benchmarked on CUDA only.
 
 Environment: BENCH_DEVICE, BENCH_LAYERS, BENCH_LONG_LEN, BENCH_ROUNDS, BENCH_CACHE_DIR,
-BENCH_PEAK_TFLOPS (see benchmarks/systems.py).
+BENCH_PEAK_TFLOPS, BENCH_CPU_LAYERS (see benchmarks/systems.py).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from systems import BATCH_SIZE, FULL_LAYERS, PEAK_TFLOPS, SYSTEMS, BenchSetup  #
 
 # Filled by test_encode.py: one dict per measured (system, corpus), read by the terminal summary.
 ENCODE_RESULTS: list[dict] = []
+# Filled by test_encode.py's CPU fast-path benchmark: one dict per system (and the matmul peaks).
+CPU_FAST_RESULTS: list[dict] = []
 
 
 class Bench:
@@ -46,7 +48,10 @@ class Bench:
             from systems import TransformersEncoder, load_engine
 
             if name == "transformers":
-                self._systems[name] = TransformersEncoder(self.hf_dir, self.setup)
+                self._systems[name] = TransformersEncoder.from_dir(self.hf_dir, self.setup)
+            elif name.endswith("_float32"):  # the same checkpoint computed in float32
+                self._systems[name] = load_engine(self.engine_dir, self.setup, name.removeprefix("engine_")
+                                                  .removesuffix("_float32"), dtype=torch.float32)
             else:
                 self._systems[name] = load_engine(self.engine_dir, self.setup, name.removeprefix("engine_"))
         return self._systems[name]
@@ -76,7 +81,20 @@ def encode_results() -> list[dict]:
     return ENCODE_RESULTS
 
 
+@pytest.fixture(scope="session")
+def cpu_fast_bench(tmp_path_factory) -> Bench:
+    """The CPU fast path's model (Qwen2-0.5B shape, bfloat16), built on first use."""
+    return Bench(BenchSetup.cpu_fast_path(), tmp_path_factory.mktemp("bench-cpu-fast"))
+
+
+@pytest.fixture(scope="session")
+def cpu_fast_results() -> list[dict]:
+    return CPU_FAST_RESULTS
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if CPU_FAST_RESULTS:
+        _cpu_fast_summary(terminalreporter)
     if not ENCODE_RESULTS:
         return
     setup = BenchSetup.from_env()
@@ -134,3 +152,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             else:
                 row += f"{r['tflops']:>18.3f}"
         tr.write_line(row)
+
+
+def _cpu_fast_summary(tr) -> None:
+    rows = CPU_FAST_RESULTS
+    tr.write_sep("=", "CPU fast path: encode against the matrix-product peak, side by side")
+    tr.write_line(rows[0]["model"])
+    tr.write_line(f"{rows[0]['threads']} threads; {rows[0]['corpus']}; {rows[0]['rounds']} interleaved rounds "
+                  "(each: both peaks, then every system once); median round, best round in brackets")
+    tr.write_line(f"{'system':<28}{'tokens/s':>18}{'GFLOP/s':>18}{'of its dtype peak':>26}")
+    for r in rows:
+        if r["kind"] == "peak":
+            tr.write_line(f"{r['system']:<28}{'':>18}{r['gflops']:>9.1f} [{r['gflops_best']:>6.1f}]")
+        else:
+            tr.write_line(f"{r['system']:<28}{r['tokens_per_s']:>9,.0f} [{r['tokens_per_s_best']:>6,.0f}]"
+                          f"{r['gflops']:>9.1f} [{r['gflops_best']:>6.1f}]"
+                          f"{r['fraction_of_peak']:>17.0%} [{r['fraction_of_peak_best']:>5.0%}]")

@@ -13,6 +13,9 @@ Every op works on packed tokens:
   (spans validated on the host, optional per-token weights)
 - ``norm_pool(x, residual, weight, eps, offset, plan, normalize) -> float32 [batch, hidden]``:
   the final residual add, RMSNorm and pooling in one, reading only the pooled rows
+- ``gated_mlp(h, gate_up, down, activation) -> [tokens, hidden]`` (optional): the whole MLP,
+  ``down(gated_activation(gate_up(h)))`` with the layer's two ``nn.Linear``; None: the model composes
+  it from its products and ``gated_activation``
 """
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ import torch
 from kernels import activations, attention, norms, pooling, rotary
 from kernels._common import interpreting
 
+from . import cpu_ops
 from .batch import PackedBatch
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Ops:
     gated_activation: Callable[..., torch.Tensor]
     pool: Callable[..., torch.Tensor]
     norm_pool: Callable[..., torch.Tensor]
+    gated_mlp: Callable[..., torch.Tensor] | None = None
 
 
 def _reference_attention(
@@ -105,15 +110,34 @@ TRITON = Ops(
 )
 
 
+# The reference arithmetic rearranged for CPUs (in place, in cache-sized blocks, attention on views):
+# the same values as REFERENCE, for inference; see engine/cpu_ops.py.
+CPU = Ops(
+    name="cpu",
+    rms_norm=cpu_ops.rms_norm,
+    rotary=cpu_ops.rotary_,
+    qk_norm_rotary=cpu_ops.qk_norm_rotary,
+    attention=cpu_ops.attention,
+    gated_activation=cpu_ops.gated_activation,
+    pool=cpu_ops.pool,
+    norm_pool=cpu_ops.norm_pool,
+    gated_mlp=cpu_ops.gated_mlp,
+)
+
+
 def default_backend(device: torch.device) -> str:
-    """``triton`` on CUDA, ``reference`` elsewhere."""
-    return "triton" if device.type == "cuda" else "reference"
+    """``triton`` on CUDA, ``cpu`` on the CPU, ``reference`` elsewhere."""
+    return {"cuda": "triton", "cpu": "cpu"}.get(device.type, "reference")
 
 
 def get_ops(name: str, device: torch.device) -> Ops:
     """The ops of backend ``name`` for tensors on ``device``; a clear error where they cannot run."""
     if name == "reference":
         return REFERENCE
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on the CPU, not on {device}")
+        return CPU
     if name == "triton":
         if device.type != "cuda" and not interpreting():
             raise ValueError(

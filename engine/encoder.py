@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .backends import default_backend, get_ops
 from .batch import pack
 from .device import resolve_device
+from .graphs import BucketedForward
 from .format import DTYPES, ENCODE_POOLING, EngineConfig, FormatError
 from .inputs import TokenizedExample, TokenizerRules, parse_inputs, pooling_plan, tokenize, tokenizer_rules
 from .model import EncoderModel
@@ -31,7 +32,7 @@ class Engine:
 
     def __init__(
         self, model: EncoderModel, tokenizer: Any, config: EngineConfig, *, path: Path, pooling: str,
-        rules: TokenizerRules,
+        rules: TokenizerRules, cuda_graphs: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -39,6 +40,15 @@ class Engine:
         self.path = path
         self.pooling = pooling
         self.rules = rules
+        on_triton_cuda = self.device.type == "cuda" and model.ops.name == "triton"
+        if cuda_graphs is None:
+            cuda_graphs = on_triton_cuda
+        _check_bool("cuda_graphs", cuda_graphs)
+        if cuda_graphs and not on_triton_cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device and the triton backend, not {self.device} "
+                             f"with backend={model.ops.name!r}")
+        # Small batches padded to a bucket shape and replayed from CUDA graphs (engine/graphs.py).
+        self._buckets = BucketedForward(model, graphs=True) if cuda_graphs else None
 
     @classmethod
     def from_pretrained(
@@ -53,6 +63,7 @@ class Engine:
         verify: bool = False,
         split_special_tokens: bool = False,
         allow_beyond_max_positions: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> "Engine":
         """Load an engine directory.
 
@@ -63,7 +74,10 @@ class Engine:
         (fused kernels); by default ``triton`` on CUDA and ``reference`` elsewhere. ``verify``: check
         every shard's sha256 against the record written at conversion (reads every byte).
         ``split_special_tokens``: read special-token strings in a text (``"</s>"``) as plain text
-        instead of as the special token.
+        instead of as the special token. ``cuda_graphs``: run batches of up to 2048 tokens and 64
+        inputs padded to a bucket shape, from CUDA graphs captured by :meth:`warmup` (or at a shape's
+        first use); by default on with the triton backend on CUDA, and only possible there (see
+        ``docs/gpu.md``).
         """
         for name, value in (("verify", verify), ("split_special_tokens", split_special_tokens),
                             ("allow_beyond_max_positions", allow_beyond_max_positions)):
@@ -93,7 +107,7 @@ class Engine:
                                     append_eos=config.append_eos, split_special_tokens=split_special_tokens)
         except ValueError as exc:
             raise FormatError(f"{path}: {exc}") from None
-        return cls(model, tokenizer, config, path=path, pooling=pooling, rules=rules)
+        return cls(model, tokenizer, config, path=path, pooling=pooling, rules=rules, cuda_graphs=cuda_graphs)
 
     # -- properties -----------------------------------------------------------------------------------
 
@@ -112,6 +126,10 @@ class Engine:
     @property
     def max_length(self) -> int:
         return self.rules.max_length
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._buckets is not None
 
     @property
     def prompts(self) -> dict[str, str]:
@@ -177,8 +195,12 @@ class Engine:
         _check_bool("normalize", normalize)
         if not items:
             return _PendingRows(torch.empty((0, self.hidden_size), dtype=torch.float32), None)
-        batch = pack([t.input_ids for t in items], self.device)
-        x, residual = self.model.hidden_before_norm(batch)
+        padded = None if self._buckets is None else self._buckets([t.input_ids for t in items])
+        if padded is None:
+            batch = pack([t.input_ids for t in items], self.device)
+            x, residual = self.model.hidden_before_norm(batch)
+        else:  # a bucket shape's graph; the real rows come first
+            x, residual, batch = padded
         plan = pooling_plan(list(items), batch, self.pooling)
         cfg, ops = self.config.model, self.model.ops
         # The final residual add and norm are fused into pooling: only pooled rows are normed.
@@ -242,8 +264,10 @@ class Engine:
     def warmup(self, max_batch_tokens: int = 16384) -> list[int]:
         """Run one forward per sequence-length bucket this engine can see (powers of two up to
         ``max_length``), so that every Triton compilation and autotune happens now, not at the first
-        request. Returns the lengths run."""
+        request, and, with ``cuda_graphs``, capture the graph of every bucket shape. Returns the lengths run."""
         lengths = sorted({min(self.max_length, 1 << p) for p in range(4, max(5, self.max_length.bit_length() + 1))})
+        if self._buckets is not None:
+            self._buckets.capture_all(self.max_length)  # largest first, so the graphs share memory best
         vocab = self.config.model.vocab_size
         for length in lengths:
             n = max(1, min(4, max_batch_tokens // length))

@@ -83,7 +83,10 @@ class EncoderLayer(nn.Module):
         if cfg.post_norms:
             x = ops.rms_norm(x, self.post_attn_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)[0]
         h, residual = ops.rms_norm(x, self.mlp_norm, cfg.rms_norm_eps, cfg.norm_weight_offset, residual)
-        x = self.down(ops.gated_activation(self.gate_up(h), cfg.activation))
+        if ops.gated_mlp is not None:  # the backend runs the whole MLP (the CPU's: in token blocks)
+            x = ops.gated_mlp(h, self.gate_up, self.down, cfg.activation)
+        else:
+            x = self.down(ops.gated_activation(self.gate_up(h), cfg.activation))
         if cfg.post_norms:
             x = ops.rms_norm(x, self.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)[0]
         return x, residual

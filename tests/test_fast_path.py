@@ -50,8 +50,8 @@ def test_triton_backend_bfloat16_on_gpu(engine_dir):
     assert fast_err <= 2 * ref_err + 1e-3 * f32.norm(dim=-1).max(), (fast_err, ref_err)
 
 
-def test_default_backend_on_cpu_is_reference(engine_dir):
-    assert Engine.from_pretrained(engine_dir, device="cpu").model.ops.name == "reference"
+def test_default_backend_on_cpu_is_cpu(engine_dir):
+    assert Engine.from_pretrained(engine_dir, device="cpu").model.ops.name == "cpu"
 
 
 def test_triton_backend_refuses_dropout(engine_dir):
