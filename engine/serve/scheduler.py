@@ -1,0 +1,306 @@
+"""The batching scheduler: admission control, a queue of tokenised inputs, and the one worker thread
+that owns the model and drains the queue into packed forwards.
+
+Requests arrive tokenised (the request handlers tokenise, off the model's critical path). Admission
+counts queued tokens: a request that would take the queue past ``max_queue_tokens`` is refused at
+once (the server answers 429 with a Retry-After estimated from recent throughput), never parked.
+Each forward is planned by the engine's own rule, :func:`engine.encoder.plan_batches` (longest
+first, at most ``max_batch_size`` inputs and ``max_batch_tokens`` tokens), over the oldest waiting
+inputs (a window of four batches' worth); the worker runs the planned batch that holds the oldest
+waiting input, so every forward makes progress on the head of the queue and nothing starves, while
+inputs of other requests of similar length ride along. A request spans as many forwards as its
+inputs need and is answered as soon as its last input is done. A cancelled request (its client
+disconnected) has its queued inputs dropped before they are computed.
+
+Rows are written into a per-request float32 array [inputs, hidden] in input order; the embedding of
+an input does not depend on its batch neighbours, so results equal ``Engine.encode``'s. The arrays
+are numpy, not torch: the request side (the event loop) then never calls into torch, whose ops
+release the GIL and would make the event loop wait for the worker to hand it back.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..inputs import TokenizedExample
+
+log = logging.getLogger("engine.serve")
+
+# plan_batches(lengths, batch_size, max_batch_tokens) -> batches of indices, the engine's rule.
+PlanFn = Callable[[list[int], int, int], list[list[int]]]
+# embed(items) -> float32 [len(items), hidden]: one packed forward (Engine.embed_tokenized).
+EmbedFn = Callable[[Sequence[TokenizedExample]], torch.Tensor]
+WINDOW_BATCHES = 4  # how many batches' worth of the oldest inputs one plan looks at
+
+
+class QueueFull(Exception):
+    """Admitting the request would exceed ``max_queue_tokens``; retry after ``retry_after`` seconds."""
+
+    def __init__(self, tokens: int, queued: int, limit: int, retry_after: int) -> None:
+        super().__init__(f"the queue holds {queued} tokens; {tokens} more would exceed the limit of {limit}")
+        self.retry_after = retry_after
+
+
+class TooLarge(Exception):
+    """The request alone holds more tokens than the queue may ever hold."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"the request holds {tokens} tokens, more than the queue limit of {limit} "
+                         "(split it into smaller requests)")
+
+
+class NotAccepting(Exception):
+    """The scheduler is stopping or not started."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's inputs in the scheduler. ``out`` float32 [inputs, hidden] (numpy) fills in input order;
+    ``on_done(error)`` is called once, from the worker thread, when the last row is written (``None``)
+    or the forward failed (the exception). Times are ``time.perf_counter()`` seconds."""
+
+    items: list[TokenizedExample]
+    out: np.ndarray
+    on_done: Callable[[BaseException | None], None]
+    n_tokens: int
+    submitted: float
+    started: float | None = None  # first forward holding one of its inputs
+    finished: float | None = None
+    remaining: int = 0  # rows not yet written
+    queued: int = 0  # inputs not yet taken into a forward
+    queued_tokens: int = 0
+    cancelled: bool = False
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class _Entry:
+    job: Job
+    index: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.job.items[self.index].num_tokens
+
+
+@dataclass
+class Stats:
+    """Counters the metrics read; updated under the scheduler's lock."""
+
+    queued_requests: int = 0
+    queued_tokens: int = 0
+    tokens_per_s: float = 0.0  # exponential moving average over forwards
+    dropped_inputs: int = 0
+
+
+class Scheduler:
+    """Owns the worker thread. ``observer`` (optional) gets ``forward(n_inputs, n_tokens, n_requests,
+    seconds)``, ``queue_wait(seconds)``, ``inference(seconds)`` and ``dropped(n_inputs)`` calls."""
+
+    def __init__(
+        self,
+        embed: EmbedFn,
+        plan: PlanFn,
+        hidden_size: int,
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_queue_tokens: int,
+        warmup: Callable[[], object] | None = None,
+        observer: object | None = None,
+    ) -> None:
+        for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_size", max_batch_size),
+                            ("max_queue_tokens", max_queue_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        self._embed, self._plan, self.hidden_size = embed, plan, hidden_size
+        self.max_batch_tokens, self.max_batch_size, self.max_queue_tokens = max_batch_tokens, max_batch_size, max_queue_tokens
+        self._warmup, self._observer = warmup, observer
+        self._cond = threading.Condition()
+        self._queue: deque[_Entry] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.stats = Stats()
+        self.ready = threading.Event()
+        self.failed: BaseException | None = None  # set when warm-up failed: the worker never started
+        self.on_failure: Callable[[BaseException], None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker: warm-up first (``ready`` is set after it), then the drain loop."""
+        if self._thread is not None:
+            raise RuntimeError("the scheduler is already started")
+        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every input already accepted, then end the worker. New submissions are refused."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready.is_set() and not self._stopping
+
+    # -- the request side ----------------------------------------------------------------------------
+
+    def submit(self, items: list[TokenizedExample], on_done: Callable[[BaseException | None], None]) -> Job:
+        """Queue ``items`` (one request) or raise :class:`QueueFull`, :class:`TooLarge` or
+        :class:`NotAccepting` at once. ``on_done`` is called from the worker thread."""
+        n_tokens = sum(t.num_tokens for t in items)
+        if n_tokens > self.max_queue_tokens:
+            raise TooLarge(n_tokens, self.max_queue_tokens)
+        job = Job(items, np.empty((len(items), self.hidden_size), dtype=np.float32), on_done, n_tokens,
+                  time.perf_counter(), remaining=len(items), queued=len(items), queued_tokens=n_tokens)
+        with self._cond:
+            if not self.accepting:
+                raise NotAccepting("the server is not accepting requests (warming up or shutting down)")
+            stats = self.stats
+            if stats.queued_tokens + n_tokens > self.max_queue_tokens:
+                raise QueueFull(n_tokens, stats.queued_tokens, self.max_queue_tokens,
+                                self._retry_after(stats.queued_tokens + n_tokens))
+            if not items:
+                job.done = True
+            else:
+                self._queue.extend(_Entry(job, i) for i in range(len(items)))
+                stats.queued_requests += 1
+                stats.queued_tokens += n_tokens
+                self._cond.notify()
+        if job.done:
+            job.started = job.finished = job.submitted
+            on_done(None)
+        return job
+
+    def cancel(self, job: Job) -> int:
+        """Drop the job's inputs that are still queued (its client is gone); returns how many.
+        Inputs already in a running forward finish, and their rows are discarded."""
+        with self._cond:
+            if job.done or job.cancelled:
+                return 0
+            job.cancelled = True
+            dropped = job.queued
+            self._take(job, job.queued, job.queued_tokens)
+            self.stats.dropped_inputs += dropped
+        if dropped:
+            self._notify("dropped_inputs", dropped)
+        return dropped
+
+    def _retry_after(self, tokens: int) -> int:
+        """Seconds until ``tokens`` queued tokens are likely drained, from recent throughput (1..60)."""
+        rate = self.stats.tokens_per_s
+        return 1 if rate <= 0 else max(1, min(60, math.ceil(tokens / rate)))
+
+    def _take(self, job: Job, n_inputs: int, n_tokens: int) -> None:
+        """Account for ``n_inputs`` of ``job`` leaving the queue (lock held)."""
+        job.queued -= n_inputs
+        job.queued_tokens -= n_tokens
+        self.stats.queued_tokens -= n_tokens
+        if n_inputs and job.queued == 0:
+            self.stats.queued_requests -= 1
+
+    # -- the worker ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self._warmup is not None:
+            try:
+                t = time.perf_counter()
+                self._warmup()
+                log.info("warm-up done in %.1f s; ready", time.perf_counter() - t)
+            except BaseException as exc:  # a broken device or kernel: the server cannot serve
+                log.exception("warm-up failed")
+                self.failed = exc
+                if self.on_failure is not None:
+                    self.on_failure(exc)
+                return
+        self.ready.set()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._forward(batch)
+
+    def _next_batch(self) -> list[_Entry] | None:
+        """Wait for inputs; plan the oldest window with the engine's rule; take the planned batch
+        that holds the oldest input. None once stopping and the queue is empty."""
+        with self._cond:
+            while True:
+                while self._queue and self._queue[0].job.cancelled:
+                    self._queue.popleft()
+                if self._queue:
+                    break
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            window: list[_Entry] = []
+            tokens = 0
+            limit_inputs, limit_tokens = WINDOW_BATCHES * self.max_batch_size, WINDOW_BATCHES * self.max_batch_tokens
+            while self._queue and len(window) < limit_inputs and tokens < limit_tokens:
+                entry = self._queue.popleft()
+                if not entry.job.cancelled:
+                    window.append(entry)
+                    tokens += entry.n_tokens
+            batches = self._plan([e.n_tokens for e in window], self.max_batch_size, self.max_batch_tokens)
+            chosen = next(b for b in batches if 0 in b)
+            picked = set(chosen)
+            self._queue.extendleft(reversed([e for i, e in enumerate(window) if i not in picked]))
+            batch = [window[i] for i in chosen]
+            for entry in batch:
+                self._take(entry.job, 1, entry.n_tokens)
+            return batch
+
+    def _forward(self, batch: list[_Entry]) -> None:
+        start = time.perf_counter()
+        jobs = list(dict.fromkeys(e.job for e in batch))
+        for job in jobs:
+            if job.started is None:
+                job.started = start
+                self._notify("queue_wait", start - job.submitted)
+        try:
+            rows = self._embed([e.job.items[e.index] for e in batch]).numpy()
+        except Exception as exc:  # one bad forward (out of memory, say) fails its requests, not the server
+            log.exception("forward of %d inputs failed", len(batch))
+            with self._cond:
+                for job in jobs:
+                    if not job.done:
+                        job.done = job.cancelled = True
+                        self._take(job, job.queued, job.queued_tokens)
+            for job in jobs:
+                job.on_done(exc)
+            return
+        end = time.perf_counter()
+        n_tokens = sum(e.n_tokens for e in batch)
+        finished = []
+        with self._cond:
+            stats = self.stats
+            rate = n_tokens / max(end - start, 1e-9)
+            stats.tokens_per_s = rate if stats.tokens_per_s == 0 else 0.8 * stats.tokens_per_s + 0.2 * rate
+            for k, entry in enumerate(batch):
+                job = entry.job
+                if job.cancelled:
+                    continue
+                job.out[entry.index] = rows[k]
+                job.remaining -= 1
+                if job.remaining == 0:
+                    job.done = True
+                    job.finished = end
+                    finished.append(job)
+        self._notify("forward", len(batch), n_tokens, len(jobs), end - start)
+        for job in finished:
+            self._notify("inference", end - job.started)
+            job.on_done(None)
+
+    def _notify(self, event: str, *args: float) -> None:
+        if self._observer is not None:
+            getattr(self._observer, event)(*args)
