@@ -14,6 +14,20 @@ import numpy as np
 
 from converters.tiny_models import sample_sentences
 
+_ENGINES: list[Path] = []
+
+
+def tiny_engine(tmp_path_factory) -> Path:
+    """A tiny random Llama engine (hidden 64, 2 layers), built once per test session."""
+    if not _ENGINES:
+        from converters.hf2engine import convert
+        from converters.tiny_models import save_tiny_checkpoint
+
+        root = tmp_path_factory.mktemp("embed-engine")
+        src = save_tiny_checkpoint(root / "hf", "llama", num_layers=2)
+        _ENGINES.append(convert(src, root / "engine", quiet=True))
+    return _ENGINES[0]
+
 
 def passages(n: int, seed: int, newlines: bool) -> list[str]:
     """Short passages with the awkward cases: non-ASCII text, quotes and commas, leading spaces and

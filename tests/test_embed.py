@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _embed_corpus import WRITERS, read_output, relative_error, write_txt
-from converters.hf2engine import convert
-from converters.tiny_models import save_tiny_checkpoint
+from _embed_corpus import WRITERS, read_output, relative_error, tiny_engine, write_txt
 from engine import Engine
 from engine.embed.cli import main
 from engine.embed.embedder import Embedded
@@ -31,14 +29,12 @@ from engine.embed.output import Manifest
 from engine.embed.readers import Fields, iter_shard, scan_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-N_FORMAT = 600  # passages per input file
+N_FORMAT = 500  # passages per input file
 
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("embed-engine")
-    src = save_tiny_checkpoint(root / "hf", "llama", num_layers=2)
-    return convert(src, root / "engine", quiet=True)
+    return tiny_engine(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +90,10 @@ def check_output(out: Path, expected: list[tuple[str, str]], reference: dict, to
 @pytest.mark.parametrize("fmt", list(WRITERS))
 def test_each_format_matches_encode(tmp_path, engine_dir, corpus, reference, fmt, capsys):
     path, expected = corpus[fmt]
-    code, err = run(engine_dir, path, "--out", tmp_path / "out", "--shard-size", 97, "--batch-size", 64,
-                    capsys=capsys)
+    code, err = run(engine_dir, path, "--out", tmp_path / "out", "--shard-size", 97, capsys=capsys)
     assert code == 0, err
     manifest = check_output(tmp_path / "out", expected, reference)
-    assert [s["records"] for s in manifest["shards"]] == [97] * 6 + [N_FORMAT - 6 * 97]
+    assert [s["records"] for s in manifest["shards"]] == [97] * 5 + [N_FORMAT - 5 * 97]
     assert manifest["job"]["inputs"][0]["records"] == N_FORMAT
 
 
@@ -111,7 +106,7 @@ def test_glob_over_all_formats_npy_float16(tmp_path, engine_dir, corpus, referen
     for f in files:
         rows = corpus[f.suffix[1:]][1]
         expected += [(f"{f}:{i}" if f.suffix == ".txt" else i, t) for i, t in rows]
-    code, err = run(engine_dir, f"{root}/part.*", "--out", tmp_path / "out", "--shard-size", 1000, "--format", "npy",
+    code, err = run(engine_dir, f"{root}/part.*", "--out", tmp_path / "out", "--shard-size", 700, "--format", "npy",
                     "--output-dtype", "float16", capsys=capsys)
     assert code == 0, err
     ids, emb, manifest = read_output(tmp_path / "out")
@@ -120,7 +115,7 @@ def test_glob_over_all_formats_npy_float16(tmp_path, engine_dir, corpus, referen
     # float16 keeps 11 significant bits: at most half a unit in the last place away, plus slack for
     # the reference's own last-bit difference.
     assert np.all(np.abs(emb.astype(np.float32) - want) <= np.abs(want) * 2.0 ** -10 + 1e-7)
-    assert [s["records"] for s in manifest["shards"]] == [1000, 1000, 400]
+    assert [s["records"] for s in manifest["shards"]] == [700, 700, 600]
 
 
 def test_instruction_and_normalize_match_encode(tmp_path, engine_dir, engine, corpus, capsys):
@@ -144,7 +139,7 @@ def test_prefetch_thread_gives_the_same_rows(tmp_path, engine_dir, corpus, refer
     load = {"device": "cpu", "dtype": "float32", "max_length": 512}
     embed = {"prompt": None, "instruction": None, "normalize": False, "batch_size": 64, "max_batch_tokens": 16384,
              "output_dtype": "float32"}
-    chunks = list(run_local(engine_dir, plan, Fields(), [0, 1, 2], load, embed, prefetch=True, chunk=100))
+    chunks = list(run_local(engine_dir, plan, Fields(), [0, 1], load, embed, prefetch=True, chunk=100))
     assert np.concatenate([c.index for c in chunks]).tolist() == list(range(N_FORMAT))
     emb = np.concatenate([c.embeddings for c in chunks])
     assert relative_error(emb, np.stack([reference[t] for _, t in expected])).max() <= 1e-6
@@ -177,35 +172,35 @@ def test_prefetched_raises_producer_errors_and_stops_early():
     assert len(produced) <= 3 + 2 + 1
 
 
-def test_ray_is_not_imported_without_workers(tmp_path, engine_dir, corpus):
-    """``python -m engine.embed`` (run as __main__ in a fresh interpreter) finishes a local job
-    without importing Ray."""
-    path, _ = corpus["txt"]
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['engine.embed', {str(engine_dir)!r}, {str(path)!r}, '--out', {str(tmp_path / 'out')!r},"
-            " '--quiet']\n"
-            "try:\n    runpy.run_module('engine.embed', run_name='__main__')\n"
-            "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
-            "assert 'ray' not in sys.modules, 'ray was imported'\n"
-            "assert (__import__('pathlib').Path(sys.argv[4]) / 'manifest.json').exists()\n"
-            "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-
-
 # -- resume after SIGKILL -------------------------------------------------------------------------------
 
 
+def _cli(args: list, out: Path, check_no_ray: bool = False) -> subprocess.Popen:
+    """``python -m engine.embed ARGS --out OUT --quiet`` in a fresh interpreter; ``check_no_ray``
+    runs it through runpy and then fails unless the job left 'ray' out of sys.modules."""
+    argv = ["engine.embed", *map(str, args), "--out", str(out), "--quiet"]
+    code = (f"import runpy, sys\nsys.argv = {argv!r}\n"
+            "try:\n    runpy.run_module('engine.embed', run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert exc.code == 0, f'exit status {exc.code}'\n"
+            "assert 'ray' not in sys.modules, 'ray was imported by a local job'\n")
+    cmd = [sys.executable, "-c", code] if check_no_ray else [sys.executable, "-m", *argv]
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE,
+                            text=True)
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, engine_dir, capsys):
+    """A job killed (SIGKILL) once 3 shards are complete, then ``--resume``: the output is
+    byte-identical to an uninterrupted run's, and the complete shards were not recomputed. The
+    uninterrupted run, in its own interpreter beside it, also shows that a job without --workers /
+    --ray never imports Ray."""
     path = tmp_path / "big.txt"
-    write_txt(path, 1600, seed=5)
-    args = [engine_dir, path, "--shard-size", 100, "--batch-size", 32]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "engine.embed", *map(str, args), "--out", str(out), "--quiet"],
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE)
+    write_txt(path, 900, seed=5)
+    args = [engine_dir, path, "--shard-size", 60, "--batch-size", 32]
+    out, straight = tmp_path / "killed", tmp_path / "straight"
+    reference = _cli(args, straight, check_no_ray=True)
+    proc = _cli(args, out)
     complete: list[int] = []
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -218,30 +213,29 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, engine_dir,
                 break
             time.sleep(0.01)
     finally:
-        if proc.poll() is None and not complete:
+        if proc.poll() is None and len(complete) < 3:
             proc.kill()
         proc.wait(timeout=60)
+        reference.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL, f"the job ended before it could be killed: {proc.stderr.read()[-500:]}"
+    assert reference.returncode == 0, reference.stderr.read()[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     done = [s for s in manifest["shards"] if s["complete"]]
-    assert manifest["status"] == "running" and 3 <= len(done) < 16
-    # Nothing half-written passes for complete: every complete shard's file is intact, and every
-    # other shard file is either absent or a temporary.
+    assert manifest["status"] == "running" and 3 <= len(done) < 15
+    # Nothing half-written passes for complete: every complete shard's file is intact.
     stat = {s["names"][0]: (out / s["names"][0]).stat() for s in done}
     for s in done:
         assert sha256(out / s["names"][0]) == s["files"][s["names"][0]]["sha256"]
 
     code, err = run(*args, "--out", out, "--resume", capsys=capsys)
     assert code == 0, err
-    code, err = run(*args, "--out", tmp_path / "straight", capsys=capsys)
-    assert code == 0, err
-    resumed, straight = Manifest.read(out), Manifest.read(tmp_path / "straight")
+    resumed, uninterrupted = Manifest.read(out), Manifest.read(straight)
     assert resumed.status == "complete" and resumed.summary["shards_kept"] == len(done)
-    assert resumed.summary["records"] == 1600 - 100 * len(done)  # only the rest was embedded again
+    assert resumed.summary["records"] == 900 - 60 * len(done)  # only the rest was embedded again
     for name, before in stat.items():  # the complete shards were not rewritten
         after = (out / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    for a, b in zip(resumed.shards, straight.shards):  # byte-identical output
+    for a, b in zip(resumed.shards, uninterrupted.shards):  # byte-identical output
         assert a["files"] == b["files"]
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
     # Resuming a complete job does nothing.
@@ -363,6 +357,19 @@ def test_existing_directory_is_refused_and_kept(tmp_path, engine_dir, corpus, ca
     # A resume whose options differ is refused, naming the difference; nothing changes.
     code, err = run(engine_dir, path, "--out", job, "--shard-size", 400, "--normalize", "--resume", capsys=capsys)
     assert code == 2 and "normalize: false -> true" in err and snapshot(job) == after
+
+
+def test_resume_refuses_changed_inputs(tmp_path, engine_dir, capsys):
+    path = tmp_path / "small.txt"
+    write_txt(path, 40)
+    out = tmp_path / "out"
+    assert run(engine_dir, path, "--out", out, "--shard-size", 16)[0] == 0
+    before = snapshot(out)
+    with open(path, "a") as f:
+        f.write("one more passage\n")
+    code, err = run(engine_dir, path, "--out", out, "--shard-size", 16, "--resume", capsys=capsys)
+    assert code == 2 and "inputs[0]" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(out) == before
 
 
 def test_force_never_deletes_an_input_or_touches_the_engine(tmp_path, engine_dir, corpus, capsys):

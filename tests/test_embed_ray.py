@@ -20,10 +20,8 @@ import pytest
 
 pytest.importorskip("ray.data", reason="the distributed extra (ray[data]) is not installed")
 
-from _embed_corpus import WRITERS, read_output, relative_error, write_txt  # noqa: E402
+from _embed_corpus import WRITERS, read_output, relative_error, tiny_engine, write_txt  # noqa: E402
 from _ray_local import LocalRay  # noqa: E402
-from converters.hf2engine import convert  # noqa: E402
-from converters.tiny_models import save_tiny_checkpoint  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.embed.cli import main  # noqa: E402
 
@@ -38,9 +36,7 @@ def ray_instance():
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("embed-ray-engine")
-    src = save_tiny_checkpoint(root / "hf", "llama", num_layers=2)
-    return convert(src, root / "engine", quiet=True)
+    return tiny_engine(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,9 @@ from .local import CHUNK
 from .readers import Corpus, Fields, Record, iter_shard
 
 NODE_ID_LABEL = "ray.io/node-id"  # a label Ray gives every node
-_READERS = 2  # concurrent shard-reading tasks (reading is far cheaper than embedding)
+# Concurrent shard-reading tasks: one per 8 workers, at most 4 (reading a record costs microseconds,
+# embedding it milliseconds); every extra one is another process that imports the package and torch.
+_WORKERS_PER_READER, _MAX_READERS = 8, 4
 
 
 def read_shards(batch: dict[str, np.ndarray], *, corpus: dict[str, Any], fields: dict[str, Any],
@@ -164,7 +166,8 @@ class RaySession:
         ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
             read_shards, batch_size=1, fn_kwargs={"corpus": corpus.to_dict(), "fields": asdict(fields), "block": chunk},
-            compute=ray.data.TaskPoolStrategy(size=_READERS), num_cpus=0, label_selector=here)
+            compute=ray.data.TaskPoolStrategy(size=min(_MAX_READERS, 1 + (workers - 1) // _WORKERS_PER_READER)),
+            num_cpus=0, label_selector=here)
         worker_resources = {"num_gpus": opts.gpus_per_worker, "num_cpus": 1} if cuda else {"num_cpus": opts.threads or 1}
         ds = ds.map_batches(
             EmbedWorker, batch_size=chunk,

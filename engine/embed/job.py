@@ -120,6 +120,8 @@ def embed_corpus(
             raise EmbedError(str(exc)) from None
         try:
             return _run(opts, engine_dir, corpus, fields, settings, device, prepared, out, config, ray_session)
+        except InputError as exc:  # an input that became unreadable or shorter during the job
+            raise EmbedError(str(exc)) from None
         finally:
             prepared.lock.release()
     finally:
