@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from typing import Sequence
+
 import torch
 
-from kernels.attention import AttentionPlan, attention_plan, rows_by_length
+from kernels.attention import AttentionPlan, PlanCapacity, attention_plan, rows_by_length
 
 
 @dataclass(frozen=True)
@@ -15,13 +17,16 @@ class PackedBatch:
 
     ``input_ids``: int64 [total_tokens]; ``positions``: int64 [total_tokens], restarting at 0 for every
     sequence; ``cu_seqlens``: int32 [batch + 1] prefix sums of the lengths; ``seqlens``: the lengths on
-    the host (packing already knows them, so no layer needs a device-to-host copy).
+    the host (packing already knows them, so no layer needs a device-to-host copy). ``plan_capacity``:
+    set on a CUDA graph's static batch, whose attention work lists then have a fixed shape and are
+    rewritten in place for each replay (:meth:`refill_attention_plans`).
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     cu_seqlens: torch.Tensor
     seqlens: tuple[int, ...]
+    plan_capacity: PlanCapacity | None = None
 
     @property
     def max_seqlen(self) -> int:
@@ -57,8 +62,20 @@ class PackedBatch:
         sync) and shared by every layer."""
         plans = self._attention_plans
         if group not in plans:
-            plans[group] = attention_plan(self.seqlens, group, self.input_ids.device)
+            plans[group] = attention_plan(self.seqlens, group, self.input_ids.device, capacity=self.plan_capacity)
         return plans[group]
+
+    def refill_attention_plans(self, seqlens: Sequence[int]) -> None:
+        """Rewrite the work lists built so far, in place, for a batch of lengths ``seqlens`` that fits
+        ``plan_capacity`` (same shapes, so a captured graph's grids and addresses still hold). The
+        copies are queued on the current stream, from pinned memory on CUDA."""
+        if self.plan_capacity is None:
+            raise ValueError("only a batch with a plan_capacity has work lists that can be refilled")
+        for group, plan in self._attention_plans.items():
+            work = attention_plan(seqlens, group, "cpu", capacity=self.plan_capacity).work
+            if plan.work.device.type == "cuda":
+                work = work.pin_memory()
+            plan.work.copy_(work, non_blocking=True)
 
 
 def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> PackedBatch:

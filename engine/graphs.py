@@ -13,7 +13,7 @@ with. So a batch of ``T`` tokens whose longest sequence has ``S`` tokens runs as
 
 The real sequences come first, in order; the ``tokens - T`` extra tokens form dummy sequences of at
 most ``max_seqlen`` tokens (token id 0, positions from 0); empty sequences fill the remaining slots
-(the attention kernel's programs for an empty sequence return at once). No row ever mixes with
+(they get no attention program). No row ever mixes with
 another sequence's rows (attention stays within a sequence, every other op is per token), so the
 real rows come out as in the unpadded batch: the same values up to the rounding of matrix products
 of another row count. Batches with more tokens than the largest bucket or more sequences than
@@ -26,8 +26,9 @@ same padded batch eagerly, which is how the padding is tested on a CPU.
 
 What capture needs from the backend: no host synchronisation and no host-to-device copy inside the
 forward (everything per batch is in the :class:`~engine.batch.PackedBatch` tensors, which are copied
-into the static ones before each replay), and launch grids that depend only on the bucket shape
-(the attention grid is ``(max_seqlen / BLOCK_M, heads, slots)``; programs past a sequence's end exit).
+into the static ones before each replay), and launch grids that depend only on the bucket shape: the
+attention's work list is built to the bucket's :class:`~kernels.attention.PlanCapacity` (a fixed
+item count per tile height, unused items are no-ops) and rewritten in place before each replay.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from kernels.attention import PlanCapacity
 
 from .batch import PackedBatch
 
@@ -112,13 +115,14 @@ def pack_padded(sequences: Sequence[Sequence[int]], shape: BucketShape, device: 
     """The packed batch of ``sequences`` padded to ``shape``, on ``device``. Its first
     ``sum(len(s))`` rows are the real tokens, in order."""
     ids, positions, cu, lengths = padded_host_tensors(sequences, shape)
+    capacity = PlanCapacity(shape.tokens, shape.slots, shape.max_seqlen)
     device = torch.device(device)
     if device.type == "cuda":
         # From pinned memory the copies are asynchronous: the host goes on while the batch uploads.
         ids, positions, cu = (t.pin_memory().to(device, non_blocking=True) for t in (ids, positions, cu))
     else:
         ids, positions, cu = (t.to(device) for t in (ids, positions, cu))
-    return PackedBatch(input_ids=ids, positions=positions, cu_seqlens=cu, seqlens=lengths)
+    return PackedBatch(input_ids=ids, positions=positions, cu_seqlens=cu, seqlens=lengths, plan_capacity=capacity)
 
 
 def _capture_sequences(shape: BucketShape) -> list[list[int]]:
@@ -180,11 +184,13 @@ class BucketedForward:
             x, residual = self.model.hidden_before_norm(padded)
             return x[:n_real], residual[:n_real], padded
         graph = self._graphs.get(shape) or self._capture(shape)
-        ids, positions, cu, _ = padded_host_tensors(sequences, shape)
+        ids, positions, cu, lengths = padded_host_tensors(sequences, shape)
         static = graph.static
-        # Straight from pinned host memory into the graph's inputs; queued before the replay.
+        # Straight from pinned host memory into the graph's inputs, the attention work lists too;
+        # queued before the replay.
         for dst, src in ((static.input_ids, ids), (static.positions, positions), (static.cu_seqlens, cu)):
             dst.copy_(src.pin_memory(), non_blocking=True)
+        static.refill_attention_plans(lengths)
         graph.graph.replay()
         return graph.x[:n_real], graph.residual[:n_real], graph.static
 

@@ -250,13 +250,31 @@ class AttentionPlan:
     n_tokens: int
 
 
+@dataclass(frozen=True)
+class PlanCapacity:
+    """A fixed work-list size, for launches whose grid must not depend on the batch (CUDA graphs):
+    every batch of at most ``tokens`` tokens in at most ``sequences`` sequences of at most
+    ``max_seqlen`` tokens gets a plan of the same shape. Per tile height ``BLOCK_M`` the list holds
+    ``ceil(tokens * group / BLOCK_M) + sequences`` items (a bound on the tiles of any such batch: each
+    sequence's tiles exceed its rows / BLOCK_M by less than one); the unused ones are no-op items
+    ``(0, 1, group)``: one token, rows all past it, so the program reads token 0 and stores nothing."""
+
+    tokens: int
+    sequences: int
+    max_seqlen: int
+
+    def items(self, group: int, block_m: int) -> int:
+        return -(-self.tokens * group // block_m) + self.sequences
+
+
 def attention_plan(
     seqlens: Sequence[int], group: int, device: torch.device | str = "cpu",
-    tile_heights: Sequence[int] | None = None,
+    tile_heights: Sequence[int] | None = None, capacity: PlanCapacity | None = None,
 ) -> AttentionPlan:
     """Build the work list of a batch with host lengths ``seqlens`` (zero-length sequences allowed: they
     get no program) and ``group`` = n_heads // n_kv_heads, for ``tile_heights`` (default: every
-    BLOCK_M of the tuning spaces). One host-to-device copy."""
+    BLOCK_M of the tuning spaces); with ``capacity``, padded to that fixed shape (its ``max_seqlen``
+    is then the plan's). One host-to-device copy."""
     tile_heights = TILE_HEIGHTS if tile_heights is None else tuple(tile_heights)
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
@@ -271,6 +289,11 @@ def attention_plan(
     if n_tokens >= 2**31 or max_seqlen * group >= 2**31:
         raise ValueError(f"{n_tokens} tokens (longest {max_seqlen} x {group} q heads per kv head) exceed the "
                          "kernel's int32 work list; split the batch")
+    if capacity is not None:
+        if n_tokens > capacity.tokens or len(seqlens) > capacity.sequences or max_seqlen > capacity.max_seqlen:
+            raise ValueError(f"a batch of {len(seqlens)} sequences, {n_tokens} tokens, longest {max_seqlen}, "
+                             f"exceeds the plan capacity {capacity}")
+        max_seqlen = capacity.max_seqlen
     starts = lengths.cumsum(0) - lengths
     order = torch.argsort(lengths, descending=True, stable=True)
     order = order[lengths[order] > 0]
@@ -283,6 +306,9 @@ def attention_plan(
         ends = tiles.cumsum(0).repeat_interleave(tiles)  # one past each item's sequence's last item
         last_first = ends - 1 - torch.arange(int(tiles.sum()))  # tile index, counting down within a sequence
         items = torch.stack([starts[seq], lengths[seq], last_first * bm], dim=1)
+        if capacity is not None:
+            no_op = torch.tensor([0, 1, group]).expand(capacity.items(group, bm) - items.shape[0], 3)
+            items = torch.cat([items, no_op])
         header[bm // 16] = offset
         n_items[bm] = items.shape[0]
         offset += items.numel()

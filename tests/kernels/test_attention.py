@@ -239,6 +239,34 @@ def test_work_list_sources_agree_and_packed_batch_caches_its_plan() -> None:
     assert_close(outs[0], varlen_attention_reference(q.double(), k.double(), v.double(), cu, causal=True))
 
 
+@pytest.mark.parametrize("flags", [{}, dict(causal=True, window=(5, 0))])
+def test_fixed_capacity_plan_refilled_in_place(flags: dict) -> None:
+    """A CUDA graph's static batch: its work list has the capacity's shape whatever the batch, and
+    rewritten in place (same tensor, same item counts) for another batch it gives that batch's
+    attention; the no-op items store nothing (the poisoned rows of the empty slots stay poisoned)."""
+    from engine.graphs import pack_padded, shape_for
+
+    shape = shape_for(64, 40, max_sequences=8)
+    capture = pack_padded([[0] * shape.max_seqlen], shape, DEVICE)  # what a capture runs
+    plan = capture.attention_plan(2)
+    work, n_items = plan.work, dict(plan.n_items)
+    assert plan.max_seqlen == shape.max_seqlen and all(
+        n == plan_items for n, plan_items in zip(n_items.values(), (capture.plan_capacity.items(2, bm) for bm in n_items)))
+    for lengths in ([40, 3, 1], [9] * 7, [1]):  # refilled with the real lengths only: rows past them belong to no item
+        capture.refill_attention_plans(lengths)
+        assert capture.attention_plan(2).work is work and capture.attention_plan(2).n_items == n_items
+        q, k, v = fused_qkv(shape.tokens, 4, 2, 32, torch.float32, seed=len(lengths))
+        out = poisoned(q.shape, torch.float32)
+        cu = cu_seqlens_of(lengths)
+        got = varlen_attention(q, k, v, cu, shape.max_seqlen, out=out, plan=capture.attention_plan(2), **flags)
+        used = sum(lengths)
+        ref = varlen_attention_reference(q[:used].double(), k[:used].double(), v[:used].double(), cu, **flags)
+        assert_close(got[:used], ref)  # a no-op item that stored would have overwritten token 0
+        assert torch.isnan(got[used:]).all()
+    with pytest.raises(ValueError, match="exceeds the plan capacity"):
+        capture.refill_attention_plans([shape.max_seqlen + 1])
+
+
 def _qkv(t=8, h=4, kv=2, d=64, dtype=torch.float32):
     return [torch.randn(t, n, d, dtype=dtype, device=DEVICE) for n in (h, kv, kv)]
 
