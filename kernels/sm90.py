@@ -66,6 +66,8 @@ HALF_DTYPES = ("float16", "bfloat16")
 # Gemma-2 9B: hidden 3584, 16 q heads, 8 kv heads, head_dim 256.
 MISTRAL_7B = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "intermediate": 14336}
 GEMMA2_9B = {"hidden": 3584, "heads": 16, "kv_heads": 8, "head_dim": 256, "intermediate": 14336}
+QWEN3_8B = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "intermediate": 12288}
+QWEN3_06B = {"hidden": 1024, "heads": 16, "kv_heads": 8, "head_dim": 128, "intermediate": 3072}
 TOKENS = 4099  # a packed batch: an odd count, as batches usually are (integer specialisation)
 
 
@@ -325,20 +327,22 @@ def _rotary() -> list[Variant]:
     from kernels import rotary
 
     variants = []
-    for shape in (MISTRAL_7B, GEMMA2_9B):
+    # Rotary alone (Mistral, Gemma-2) and with Qwen3's q/k RMSNorm fused (QK_NORM; Qwen3-8B and 0.6B).
+    for shape, qk_norm in ((MISTRAL_7B, False), (GEMMA2_9B, False), (QWEN3_8B, True), (QWEN3_06B, True)):
         heads, n_kv, head_dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
         qkv = _empty(TOKENS, (heads + 2 * n_kv) * head_dim)
         q = qkv[:, : heads * head_dim].view(TOKENS, heads, head_dim)
         k = qkv[:, heads * head_dim : (heads + n_kv) * head_dim].view(TOKENS, n_kv, head_dim)
         half = head_dim // 2
         cos, sin = _empty(TOKENS, half, dtype="float32"), _empty(TOKENS, half, dtype="float32")
+        q_weight, k_weight = _empty(head_dim), _empty(head_dim)
         block_hq, block_half = triton.next_power_of_2(heads), triton.next_power_of_2(half)
         variants.append(Variant(
-            f"rotary/bfloat16/h{heads}kv{n_kv}d{head_dim}", rotary._rotary_kernel,
-            (q, k, cos, sin, heads, n_kv, half, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-             cos.stride(0), sin.stride(0)),
+            f"rotary/bfloat16/h{heads}kv{n_kv}d{head_dim}" + ("/qk_norm" if qk_norm else ""), rotary._rotary_kernel,
+            (q, k, cos, sin, q_weight, k_weight, 1e-6, heads, n_kv, half, q.stride(0), q.stride(1), k.stride(0),
+             k.stride(1), cos.stride(0), sin.stride(0)),
             # num_warps as rotary_ picks it on a GPU
-            dict(BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(n_kv), BLOCK_HALF=block_half,
+            dict(BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(n_kv), BLOCK_HALF=block_half, QK_NORM=qk_norm,
                  num_warps=max(1, min(8, block_hq * block_half // 256))),
             cost=0.2))
     return variants
