@@ -38,7 +38,16 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.config import ATTENTION_KINDS, ConfigError, ModelConfig
-from engine.format import DTYPES, ENCODE_POOLING, ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig, FormatError, shard_metadata
+from engine.format import (
+    DTYPES,
+    ENCODE_POOLING,
+    ENGINE_CONFIG,
+    WEIGHTS_INDEX,
+    EngineConfig,
+    FormatError,
+    sha256_file,
+    shard_metadata,
+)
 
 from .lora import LLM2VEC_CONFIG, Adapter, merge, pooling_defaults
 from .safety import (
@@ -58,6 +67,7 @@ from .safety import (
     unused_name,
     write_marker,
 )
+from .sentence_transformers_dir import is_sentence_transformers_dir, read_sentence_transformers_dir
 from .sources import (
     Checkpoint,
     ConversionError,
@@ -68,9 +78,7 @@ from .sources import (
     error_line,
     file_hashes,
     read_json,
-    sha256_file,
 )
-from .sentence_transformers_dir import is_sentence_transformers_dir, read_sentence_transformers_dir
 
 __all__ = ["ConversionError", "convert", "main"]
 

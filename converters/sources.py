@@ -7,7 +7,6 @@ reported before anything is written. Tensor data is read later, one layer at a t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
+from engine.format import sha256_file
 
 CONFIG_FILE = "config.json"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -206,15 +207,6 @@ def read_json(path: Path, what: str = "") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConversionError(f"{path}: unreadable JSON ({exc})") from None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Streamed sha256 (plain reads: the page cache, not this process, holds the data)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_hashes(files: Iterable[Path], root: Path) -> dict[str, str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from ..format import sha256_file
 
 OUTPUT_FORMAT = "llm-encoder-engine-embeddings"
 OUTPUT_VERSION = 1
@@ -53,14 +54,6 @@ def shard_names(k: int, fmt: str) -> list[str]:
     appearing means both are in place)."""
     stem = f"shard-{k:05d}"
     return [f"{stem}.parquet"] if fmt == "parquet" else [f"{stem}.ids.jsonl", f"{stem}.npy"]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _temp_name(directory: Path, name: str) -> Path:

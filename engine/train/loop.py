@@ -41,7 +41,7 @@ from converters.safety import (
     resolve_path,
     sweep,
 )
-from converters.sources import sha256_file
+from engine.format import sha256_file
 
 from ..batch import pack
 from ..config import ConfigError, ModelConfig
