@@ -124,8 +124,11 @@ def gated_mlp(h: torch.Tensor, gate_up: torch.nn.Linear, down: torch.nn.Linear, 
     """``down(act(gate) * up)`` over blocks of ``MLP_BLOCK_ELEMENTS`` gate/up outputs, written into one
     [tokens, hidden] output: the [tokens, 2 * intermediate] projection, the largest activation of the
     model, never exists whole (a block is reused from the heap instead of being faulted in at every
-    layer). h: [tokens, hidden]."""
+    layer). h: [tokens, hidden]. Layers that are not plain ``nn.Linear`` (LoRA-wrapped ones, say) run
+    composed, as the model would run them."""
     _inference_only(h)
+    if not (isinstance(gate_up, torch.nn.Linear) and isinstance(down, torch.nn.Linear)):
+        return down(gated_activation(gate_up(h), activation))
     out = torch.empty((h.shape[0], down.out_features), dtype=h.dtype, device=h.device)
     for rows in _blocks(h.shape[0], gate_up.out_features, MLP_BLOCK_ELEMENTS):
         act = gated_activation(F.linear(h[rows], gate_up.weight, gate_up.bias), activation)
