@@ -118,7 +118,7 @@ class LocalRay:
             # ours alone (start_new_session), so anything left over is ended with it.
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
             try:

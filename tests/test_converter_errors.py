@@ -83,37 +83,43 @@ def _malicious_pickle(marker) -> bytes:
     return pickle.dumps({"model.embed_tokens.weight": Payload()})
 
 
-# --- through the CLI in a subprocess ----------------------------------------------------------------
+# --- the command line: one real subprocess, then main() with the same checks -------------------------
 
 
-def _cli_fails(args, match, out, before=None):
-    proc = ck.run_cli(*args)
-    assert proc.stdout == ""
-    _check_failure(proc.returncode, proc.stderr, match, out.parent, out, before)
-
-
-def test_cli_missing_src(tmp_path):
+def test_cli_missing_src_in_a_subprocess(tmp_path):
+    """The installed command itself: one line on stderr, nothing on stdout, exit 2 (each further
+    subprocess would cost seconds of torch import; the cases below run the same main())."""
     out = tmp_path / "out"
-    _cli_fails([tmp_path / "nope", out], "nope: no such directory", out)
+    proc = ck.run_cli(tmp_path / "nope", out)
+    assert proc.stdout == ""
+    _check_failure(proc.returncode, proc.stderr, "nope: no such directory", out.parent, out)
 
 
-def test_cli_unsupported_architecture(tmp_path, src):
+def _cli_fails(capsys, args, match, out, before=None):
+    capsys.readouterr()  # drop what building the fixtures printed
+    rc = main([*map(str, args), "--quiet"])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    _check_failure(rc, captured.err, match, out.parent, out, before)
+
+
+def test_cli_unsupported_architecture(capsys, tmp_path, src):
     config = json.loads((src / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (src / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    _cli_fails([src, out], "GPT2LMHeadModel", out)
+    _cli_fails(capsys, [src, out], "GPT2LMHeadModel", out)
 
 
-def test_cli_truncated_shard(tmp_path, src):
+def test_cli_truncated_shard(capsys, tmp_path, src):
     shard = _shard_of(src, "model.layers.1.mlp.down_proj.weight")
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 1000])
     out = tmp_path / "out"
-    _cli_fails([src, out], f"{shard}: truncated or corrupt", out)
+    _cli_fails(capsys, [src, out], f"{shard}: truncated or corrupt", out)
 
 
-def test_cli_pickle_only_checkpoint_refused_and_never_unpickled(tmp_path):
+def test_cli_pickle_only_checkpoint_refused_and_never_unpickled(capsys, tmp_path):
     marker = tmp_path / "pwned"
     # The payload really does run on unpickling (checked with a second marker).
     probe = tmp_path / "probe"
@@ -127,19 +133,17 @@ def test_cli_pickle_only_checkpoint_refused_and_never_unpickled(tmp_path):
         shutil.copyfile(good / name, src / name)
     (src / "pytorch_model.bin").write_bytes(_malicious_pickle(marker))
     out = tmp_path / "out"
-    _cli_fails([src, out], "pytorch_model.bin", out)
+    _cli_fails(capsys, [src, out], "pytorch_model.bin", out)
     assert not marker.exists()
-    rc = main([str(src), str(out), "--quiet"])
-    assert rc == 2 and not marker.exists()
 
 
-def test_cli_existing_out_needs_force(tmp_path):
+def test_cli_existing_out_needs_force(capsys, tmp_path):
     good = ck.tiny("llama")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("existing")
     before = ck.tree_snapshot(out)
-    _cli_fails([good, out], "already exists; pass --force", out, before)
+    _cli_fails(capsys, [good, out], "already exists; pass --force", out, before)
 
 
 # --- through main() ----------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_workers_match_encode_for_every_format(tmp_path, ray_instance, engine_di
 def test_a_killed_actor_is_replaced_and_every_passage_appears_once(tmp_path, ray_instance, engine_dir, engine,
                                                                     capsys):
     path = tmp_path / "corpus.txt"
-    expected = write_txt(path, 2400, seed=11)
+    expected = write_txt(path, 1200, seed=11)
     out = tmp_path / "out"
     killed: dict[str, object] = {}
 

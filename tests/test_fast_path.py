@@ -28,7 +28,13 @@ def engine_dir(request, tmp_path_factory):
     return convert(src, root / "engine", quiet=True)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "weighted_mean", "last_token", "bos_token"])
+# Every pooling mode on one family; one mode on each other family (the pooling kernels do not depend
+# on the family, and every interpreted forward costs seconds).
+FLOAT32_CASES = [("llama", p) for p in ("mean", "weighted_mean", "last_token", "bos_token")] + [
+    ("gemma", "last_token"), ("qwen2", "mean")]
+
+
+@pytest.mark.parametrize("engine_dir, pooling", FLOAT32_CASES, indirect=["engine_dir"])
 def test_triton_backend_matches_reference_float32(engine_dir, pooling):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = Engine.from_pretrained(engine_dir, device=device, dtype=torch.float32, backend="reference", pooling=pooling)

@@ -55,12 +55,11 @@ def uneven_pairs(corpus, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("objective", ["supervised", "simcse"])
-def test_two_processes_train_like_one_with_the_global_batch(objective, llama, corpus, uneven_pairs, tmp_path):
-    data = uneven_pairs if objective == "supervised" else corpus["simcse"]
-    options = dict(model=str(llama), data=str(data), **COMMON)
-    if objective == "simcse":
-        options["simcse_dropout"] = 0.0  # dropout draws differ between processes; without it, runs are comparable
+# Supervised, with uneven hard negatives: the variable-size gather that SimCSE's equal views use too
+# (each torchrun costs some 40 s of this suite on 2 cores, so SimCSE's is not run again here).
+def test_two_processes_train_like_one_with_the_global_batch(llama, uneven_pairs, tmp_path):
+    objective = "supervised"
+    options = dict(model=str(llama), data=str(uneven_pairs), **COMMON)
     one = train(make_config(objective, out=str(tmp_path / "one"), batch_size=8, **options))
     result = _torchrun(objective, {**options, "out": str(tmp_path / "two"), "batch_size": 4})
     assert result.returncode == 0, result.stderr[-3000:]
