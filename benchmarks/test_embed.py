@@ -1,7 +1,10 @@
 """Corpus encoding throughput: ``engine.embed`` (one worker, two Ray workers) beside ``Engine.encode``.
 
-One process, one corpus, one model; every round runs every system once, interleaved, so that load
-from elsewhere on the machine hits them alike. Systems (tokens are real tokens, BOS included):
+One process, one corpus, one model, two phases. First the in-process systems with no Ray running
+(a live Ray instance's own processes take CPU from anything beside them on 2 cores): every round
+runs each of them once, interleaved, so that load from elsewhere hits them alike. Then the Ray
+systems, on a local Ray instance started for them, interleaved likewise. Systems (tokens are real
+tokens, BOS included):
 
 - ``encode``: ``Engine.encode`` of the passages already in memory (the engine loaded beforehand);
 - ``embed``: ``embed_corpus`` in this process: reading the JSONL file, tokenising, the same batches,
@@ -31,7 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PASSAGES = int(os.environ.get("BENCH_EMBED_PASSAGES", "800"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 BATCH_SIZE, MAX_BATCH_TOKENS = 64, 16384
 # Big enough that the forward dominates on the CPU (~6 MFLOP per token against microseconds of
 # tokenisation), small enough for the benchmark's time budget.
@@ -53,17 +56,15 @@ def setup(tmp_path_factory):
     return root, engine_dir, corpus, texts
 
 
-@pytest.fixture(scope="module")
-def ray_address():
+def _local_ray():
     pytest.importorskip("ray.data")
     sys.path.insert(0, str(REPO / "tests"))
     from _ray_local import LocalRay
 
-    with LocalRay(num_cpus=2, object_store_mb=256) as address:
-        yield address
+    return LocalRay(num_cpus=2, object_store_mb=256)
 
 
-def test_embed_pipeline_throughput(benchmark, request, setup, ray_address):
+def test_embed_pipeline_throughput(benchmark, request, setup):
     from engine import Engine
     from engine.embed import embed_corpus
 
@@ -94,22 +95,31 @@ def test_embed_pipeline_throughput(benchmark, request, setup, ray_address):
         return embed_corpus(engine_dir, [corpus], out, device="cpu", batch_size=BATCH_SIZE,
                             max_batch_tokens=MAX_BATCH_TOKENS, quiet=True, **kwargs)
 
-    systems = {
+    # Phase 1, no Ray running (a live Ray instance's processes take CPU from whatever runs beside it):
+    # the in-process systems. Phase 2: the Ray systems on a local instance started for them.
+    local = {
         "encode": lambda: encode(1),
         "embed": lambda: embed("embed", threads=1),
-        "embed_ray1": lambda: embed("embed_ray1", workers=1, threads=1),
-        "embed_ray2": lambda: embed("embed_ray2", workers=2, threads=1),
         "encode_2t": lambda: encode(2),
         "embed_2t": lambda: embed("embed_2t", threads=2),
     }
+    on_ray = {
+        "embed_ray1": lambda: embed("embed_ray1", workers=1, threads=1),
+        "embed_ray2": lambda: embed("embed_ray2", workers=2, threads=1),
+    }
+    systems = {**local, **on_ray}
     encode(1)  # warm-up
     embed("warmup", threads=1)
 
     def one_round() -> None:
-        for name, fn in systems.items():
+        for name, fn in local.items():
             timed(name, fn)
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    with _local_ray():
+        for _ in range(ROUNDS):
+            for name, fn in on_ray.items():
+                timed(name, fn)
     tps = {name: tokens / statistics.median(s) for name, s in seconds.items()}
     busy_tps = {name: statistics.median(b) for name, b in busy.items()}
     ratios = {
@@ -128,7 +138,7 @@ def test_embed_pipeline_throughput(benchmark, request, setup, ray_address):
         tr.write_line("")
         tr.write_sep("=", "corpus encoding throughput, side by side")
         tr.write_line(f"model {MODEL}, {PASSAGES} passages, {tokens} tokens, batches of {BATCH_SIZE} / "
-                      f"{MAX_BATCH_TOKENS} tokens, median of {ROUNDS} interleaved rounds, torch {torch.__version__}, "
+                      f"{MAX_BATCH_TOKENS} tokens, median of {ROUNDS} interleaved rounds per phase, torch {torch.__version__}, "
                       f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         tr.write_line(f"{'system':<14}{'threads':>18}{'wall s':>10}{'tokens/s':>12}{'busy tokens/s':>16}")
         labels = {"encode": "1", "embed": "1", "embed_ray1": "1 worker x 1", "embed_ray2": "2 workers x 1",
