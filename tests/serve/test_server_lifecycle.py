@@ -2,8 +2,10 @@
 
 The three servers start together (their imports overlap) and are always stopped:
 - ``over``: a small ``--max-queue-tokens``, so that 64 concurrent clients overflow it;
-- ``drop`` and ``shut``: ``--max-batch-size 8``, so that a few hundred inputs take dozens of
-  forwards and a request can be caught while queued.
+- ``drop`` and ``shut``: ``--max-batch-size 1``, so that a few hundred inputs take hundreds of
+  forwards and a request can be caught while queued (a request's forwards must outlast the
+  tokenisation of the next ones, also on an idle machine: with 8 inputs per forward the first
+  request could finish before the third was queued).
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ def servers(engine_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve-logs")
     started = {
         "over": Server(engine_dir, "--max-queue-tokens", str(QUEUE_LIMIT), log_dir=logs),
-        "drop": Server(engine_dir, "--max-batch-size", "8", log_dir=logs),
-        "shut": Server(engine_dir, "--max-batch-size", "8", log_dir=logs),
+        "drop": Server(engine_dir, "--max-batch-size", "1", log_dir=logs),
+        "shut": Server(engine_dir, "--max-batch-size", "1", log_dir=logs),
     }
     try:
         for srv in started.values():
