@@ -13,7 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+# transformers >= 5.25 replaces layers with "hub kernels" downloaded from the Hugging Face Hub whenever
+# HF's `kernels` package is installed: the reference models here must be transformers' own code, and
+# nothing may be fetched from a hub.
+os.environ["USE_HUB_KERNELS"] = "NO"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -53,6 +53,12 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     import torch
 
+# transformers >= 5.25 replaces layers with "hub kernels" downloaded from the Hugging Face Hub whenever
+# HF's `kernels` package is installed: the reference models here must be transformers' own code, and
+# nothing may be fetched from a hub.
+os.environ["USE_HUB_KERNELS"] = "NO"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:
     # Must precede the first import of triton: the kernels then run in the CPU interpreter.
@@ -257,7 +263,7 @@ def section_attention(ctx: Context, rec: dict) -> None:
 
     import torch.nn.functional as F
 
-    from kernels.attention import varlen_attention
+    from encoder_kernels.attention import varlen_attention
 
     plan, device = ctx.plan, ctx.device
     n_heads, n_kv = plan.attn_heads
@@ -301,10 +307,10 @@ def section_attention(ctx: Context, rec: dict) -> None:
 def section_memory_kernels(ctx: Context, rec: dict) -> None:
     import torch
 
-    from kernels.activations import gated_activation
-    from kernels.norms import rms_norm
-    from kernels.pooling import rms_norm_segment_pool
-    from kernels.rotary import rotary_, rotary_cos_sin, rotary_inv_freq
+    from encoder_kernels.activations import gated_activation
+    from encoder_kernels.norms import rms_norm
+    from encoder_kernels.pooling import rms_norm_segment_pool
+    from encoder_kernels.rotary import rotary_, rotary_cos_sin, rotary_inv_freq
 
     plan, device, dtype = ctx.plan, ctx.device, ctx.plan.dtype
     shape = plan.model

@@ -30,11 +30,11 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from kernels.activations import gated_activation  # noqa: E402
-from kernels.attention import attention_plan, varlen_attention  # noqa: E402
-from kernels.norms import rms_norm  # noqa: E402
-from kernels.pooling import rms_norm_segment_pool, segment_pool  # noqa: E402
-from kernels.rotary import rotary_, rotary_cos_sin, rotary_inv_freq  # noqa: E402
+from encoder_kernels.activations import gated_activation  # noqa: E402
+from encoder_kernels.attention import attention_plan, varlen_attention  # noqa: E402
+from encoder_kernels.norms import rms_norm  # noqa: E402
+from encoder_kernels.pooling import rms_norm_segment_pool, segment_pool  # noqa: E402
+from encoder_kernels.rotary import rotary_, rotary_cos_sin, rotary_inv_freq  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 tl.dot is wrong

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from kernels import activations, attention, norms, pooling, rotary
-from kernels._common import interpreting
+from encoder_kernels import activations, attention, norms, pooling, rotary
+from encoder_kernels._common import interpreting
 
 from . import cpu_ops
 from .batch import PackedBatch

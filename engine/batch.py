@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from kernels.attention import AttentionPlan, PlanCapacity, attention_plan, rows_by_length
+from encoder_kernels.attention import AttentionPlan, PlanCapacity, attention_plan, rows_by_length
 
 
 @dataclass(frozen=True)

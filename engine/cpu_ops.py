@@ -27,8 +27,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from kernels import attention as attention_kernels
-from kernels.pooling import segment_pool_reference
+from encoder_kernels import attention as attention_kernels
+from encoder_kernels.pooling import segment_pool_reference
 
 from .batch import PackedBatch
 

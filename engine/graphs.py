@@ -27,7 +27,7 @@ same padded batch eagerly, which is how the padding is tested on a CPU.
 What capture needs from the backend: no host synchronisation and no host-to-device copy inside the
 forward (everything per batch is in the :class:`~engine.batch.PackedBatch` tensors, which are copied
 into the static ones before each replay), and launch grids that depend only on the bucket shape: the
-attention's work list is built to the bucket's :class:`~kernels.attention.PlanCapacity` (a fixed
+attention's work list is built to the bucket's :class:`~encoder_kernels.attention.PlanCapacity` (a fixed
 item count per tile height, unused items are no-ops) and rewritten in place before each replay.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from kernels.attention import PlanCapacity
+from encoder_kernels.attention import PlanCapacity
 
 from .batch import PackedBatch
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.rotary import rotary_cos_sin, rotary_inv_freq
+from encoder_kernels.rotary import rotary_cos_sin, rotary_inv_freq
 
 from .backends import REFERENCE, Ops
 from .batch import PackedBatch

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from _checkpoints import tiny
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import sample_sentences
 from engine import Engine, cpu_ops
 from engine.batch import pack
-from kernels.activations import gated_activation_reference
-from kernels.attention import varlen_attention_reference
-from kernels.norms import rms_norm_reference
-from kernels.rotary import rotary_cos_sin, rotary_inv_freq, rotary_reference
+from encoder_kernels.activations import gated_activation_reference
+from encoder_kernels.attention import varlen_attention_reference
+from encoder_kernels.norms import rms_norm_reference
+from encoder_kernels.rotary import rotary_cos_sin, rotary_inv_freq, rotary_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 

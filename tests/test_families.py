@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 import _checkpoints as ck
 from _hf_reference import hf_embeddings
 
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import FAMILY_VARIANTS, sample_sentences
 from engine import Engine
 from engine.batch import pack

@@ -6,7 +6,7 @@ TRITON_INTERPRET=1), on tiny models; with CUDA the same comparison runs on the G
 import pytest
 import torch
 
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import sample_sentences, save_tiny_checkpoint
 from engine import Engine
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from _compare import DEVICE, assert_close, needs_cuda, poisoned
 
-from kernels.norms import rms_norm, rms_norm_reference
+from encoder_kernels.norms import rms_norm, rms_norm_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -11,7 +11,7 @@ from a work list built once per batch on the host (``attention_plan``): one prog
 kv head), the q heads sharing a kv head packed into one tile, longest sequences first, none empty;
 causal and windowed programs skip the key blocks they cannot see. Causal, soft-cap and window are
 compile-time flags of one kernel. Tuning spaces per head dim and dtype are those that compile cleanly
-for sm_90 (``kernels.sm90`` checks every one of them in the test suite).
+for sm_90 (``encoder_kernels.sm90`` checks every one of them in the test suite).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import autotune_cache_kwargs, check_dtype, check_launchable, interpreting
+from encoder_kernels._common import autotune_cache_kwargs, check_dtype, check_launchable, interpreting
 
 
 def rows_by_length(seqlens: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Tensor]:
@@ -136,7 +136,7 @@ def _explicit_attention(qs, ks, vs, scale, dropout_p, causal, softcap, window):
 _MAX_HEAD_DIM = 256
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for float16 and bfloat16, from sm_90 compile reports of
-# the candidate tiles (``python -m kernels.sm90`` prints them; ptxas 13.4, triton 3.9; float16 and
+# the candidate tiles (``python -m encoder_kernels.sm90`` prints them; ptxas 13.4, triton 3.9; float16 and
 # bfloat16 compile to the same registers and shared memory). Kept: no register spill, shared memory
 # within sm_90's 232,448 bytes, wgmma. Registers without flags / with causal + soft-cap + window:
 # - head dim 64: 128x128 w8 s3 (197 / 254), 128x64 w8 s3 (124 / 194), 64x64 w4 s3 (130 / 167).

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_dtype, check_launchable, interpreting
-from kernels.norms import rms_norm_reference
+from encoder_kernels._common import check_dtype, check_launchable, interpreting
+from encoder_kernels.norms import rms_norm_reference
 
 
 def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:

@@ -17,8 +17,8 @@ import triton
 from _compare import DEVICE, assert_close, bf16_dot_needs_cuda, cu_seqlens_of, needs_cuda, poisoned
 
 from engine.batch import pack
-from kernels import attention
-from kernels.attention import attention_plan, varlen_attention, varlen_attention_reference
+from encoder_kernels import attention
+from encoder_kernels.attention import attention_plan, varlen_attention, varlen_attention_reference
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 

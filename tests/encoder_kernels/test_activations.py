@@ -6,7 +6,7 @@ import pytest
 import torch
 from _compare import DEVICE, assert_close, needs_cuda, poisoned
 
-from kernels.activations import ACTIVATIONS, gated_activation, gated_activation_reference
+from encoder_kernels.activations import ACTIVATIONS, gated_activation, gated_activation_reference
 
 # The interpreter evaluates sigmoid as 1 / (1 + exp(-x)) in numpy, which warns when exp overflows
 # for very negative x (the result, 0, is right).

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_launchable, check_rows, interpreting
-from kernels.norms import rms_norm_reference
+from encoder_kernels._common import check_launchable, check_rows, interpreting
+from encoder_kernels.norms import rms_norm_reference
 
 POOLING_MODES = ("mean", "weighted_mean", "first", "last")
 

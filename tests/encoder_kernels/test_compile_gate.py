@@ -1,17 +1,22 @@
 """The sm_90 compile gate: every kernel variant the engine may launch on an H100/H200 compiles for
 Hopper on this CPU-only machine, without register spills, within sm_90's shared memory, and (for
-float16/bfloat16 attention tiles of 64 rows or more) on wgmma. See kernels/sm90.py for the recipe and
+float16/bfloat16 attention tiles of 64 rows or more) on wgmma. See encoder_kernels/sm90.py for the recipe and
 what differs on the GPU machines' triton 3.6.
 
-The compilation runs in ``python -m kernels.sm90`` subprocesses (two workers, one per core): the
-Triton interpreter this test session runs under has no compiler. It compiles into a fresh cache, as a
-clean CI checkout does, so every variant really compiles.
+The compilation runs in ``python -m encoder_kernels.sm90`` subprocesses (two workers, one per core): the
+Triton interpreter this test session runs under has no compiler. It compiles into a fresh Triton cache,
+so every variant really compiles. Its reports are then kept under ``~/.cache/llm-encoder-engine/sm90``
+(``$XDG_CACHE_HOME`` is honoured), keyed by the sha256 of every kernel source, the gate itself, the
+triton version and the ptxas binary: a run with unchanged kernels reads them instead of compiling
+again; a changed kernel, triton or ptxas compiles afresh. ``SM90_GATE_CACHE=0`` turns the cache off.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,17 +30,39 @@ if importlib.util.find_spec("triton.backends.nvidia") is None:
     pytest.skip("triton's nvidia backend is not installed: there is no sm_90 compiler to gate with",
                 allow_module_level=True)
 
-from kernels import attention, sm90  # noqa: E402
+from encoder_kernels import attention, sm90  # noqa: E402
 
 # About 150 s on two idle cores; the bound is for a loaded machine, never a timing assertion.
 GATE_TIMEOUT_S = 900
 
 
+def _cached_reports_path() -> Path | None:
+    """Where the reports of this exact gate (kernel sources, triton, ptxas) are kept; None when the
+    cache is off."""
+    if os.environ.get("SM90_GATE_CACHE", "1") == "0":
+        return None
+    import triton
+
+    try:
+        ptxas = Path(sm90.ptxas_path())
+    except FileNotFoundError:
+        return None  # the gate itself then fails, saying why
+    key = hashlib.sha256(f"triton {triton.__version__}\n".encode())
+    for source in sorted((ROOT / "encoder_kernels").glob("*.py")):
+        key.update(source.name.encode() + b"\0" + source.read_bytes())
+    key.update(str(ptxas).encode() + b"\0" + hashlib.sha256(ptxas.read_bytes()).digest())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "llm-encoder-engine" / "sm90" / f"{key.hexdigest()[:32]}.json"
+
+
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory) -> tuple[list[sm90.Report], str]:
+    cached = _cached_reports_path()
+    if cached is not None and cached.is_file():
+        return [sm90.Report(**r) for r in json.loads(cached.read_text())], f"(reports read from {cached})"
     out = tmp_path_factory.mktemp("sm90") / "reports.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "kernels.sm90", "--jobs", "2", "--json", str(out), "--timeout", str(GATE_TIMEOUT_S)]
+    command = [sys.executable, "-m", "encoder_kernels.sm90", "--jobs", "2", "--json", str(out), "--timeout", str(GATE_TIMEOUT_S)]
     # Its own session, so that the workers go too should this process have to stop it.
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -47,6 +74,11 @@ def gate(tmp_path_factory) -> tuple[list[sm90.Report], str]:
         pytest.fail(f"the compile gate did not finish in {GATE_TIMEOUT_S + 60} s")
     if not out.exists():  # no ptxas, a crash: say why, never skip
         pytest.fail(f"the compile gate did not run (exit {proc.returncode}):\n{stderr[-4000:]}\n{stdout[-2000:]}")
+    if cached is not None:  # a complete run: its reports hold for these exact sources, triton and ptxas
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(out, tmp)
+        os.replace(tmp, cached)
     return [sm90.Report(**r) for r in json.loads(out.read_text())], stdout
 
 
@@ -58,7 +90,7 @@ def test_every_variant_compiles_cleanly_for_sm90(gate) -> None:
 
 def test_gate_covers_every_config_the_autotuner_may_launch(gate) -> None:
     """Every (head dim, dtype) tuning space in full with the flags off; with flags, the largest tile
-    of each flagged space (a representative subset, see kernels/sm90.py); every other kernel,
+    of each flagged space (a representative subset, see encoder_kernels/sm90.py); every other kernel,
     pooling with and without per-token weights."""
     compiled = {r.name for r in gate[0]}
     expected = {

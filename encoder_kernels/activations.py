@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import check_dtype, check_launchable
+from encoder_kernels._common import check_dtype, check_launchable
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 

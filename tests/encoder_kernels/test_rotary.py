@@ -7,7 +7,7 @@ import pytest
 import torch
 from _compare import DEVICE, assert_close, needs_cuda
 
-from kernels.rotary import (qk_norm_rotary_, qk_norm_rotary_reference, rotary_, rotary_cos_sin, rotary_inv_freq,
+from encoder_kernels.rotary import (qk_norm_rotary_, qk_norm_rotary_reference, rotary_, rotary_cos_sin, rotary_inv_freq,
                             rotary_reference)
 
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from _compare import DEVICE, assert_close, needs_cuda, poisoned
 
-from kernels.norms import rms_norm_reference
-from kernels.pooling import (
+from encoder_kernels.norms import rms_norm_reference
+from encoder_kernels.pooling import (
     POOLING_MODES,
     rms_norm_segment_pool,
     rms_norm_segment_pool_reference,

@@ -1,6 +1,6 @@
 """Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU, and check what ptxas says.
 
-No GPU runs this project's tests, so the compile gate (``tests/kernels/test_compile_gate.py``) proves
+No GPU runs this project's tests, so the compile gate (``tests/encoder_kernels/test_compile_gate.py``) proves
 here what a CPU can prove: every kernel variant the engine may launch on an H100/H200 compiles, and
 compiles cleanly. A variant is clean when ptxas reports no register spill (spill stores and loads
 both 0), its shared memory fits the 232,448 bytes (227 KB) an sm_90 block may use, and, for a
@@ -33,12 +33,12 @@ head_dim 256, Gemma-2. Adding a kernel to the gate is one decorated function::
 
     @gate_entry("my_kernel")
     def _my_kernel() -> list[Variant]:
-        from kernels import mine
+        from encoder_kernels import mine
         return [Variant("my_kernel/bf16", mine._my_kernel, (x, y, n), {"BLOCK": 1024, "num_warps": 4})]
 
 Command line (the gate test runs this in subprocesses, without ``TRITON_INTERPRET``)::
 
-    python -m kernels.sm90 [--jobs 2] [--only SUBSTRING] [--json PATH] [--list]
+    python -m encoder_kernels.sm90 [--jobs 2] [--only SUBSTRING] [--json PATH] [--list]
 
 Workers claim variants from a shared directory (heaviest first), each compiling into a fresh
 TRITON_CACHE_DIR so that every variant really compiles, as in a clean CI checkout.
@@ -234,7 +234,7 @@ def attention_variant(
 ) -> Variant:
     """The attention kernel as ``varlen_attention`` launches it for a fused qkv projection of the model
     with ``head_dim`` (Gemma-2's heads for 256, Mistral-7B's otherwise), pinned to ``config``."""
-    from kernels import attention
+    from encoder_kernels import attention
 
     shape = GEMMA2_9B if head_dim == 256 else MISTRAL_7B
     n_kv = shape["kv_heads"]
@@ -264,7 +264,7 @@ def attention_variant(
 
 
 ATTENTION_HEAD_DIMS = (64, 80, 96, 128, 256)
-# float32 attention is refused on a GPU (kernels/attention.py says why), so it has no GPU tiles.
+# float32 attention is refused on a GPU (encoder_kernels/attention.py says why), so it has no GPU tiles.
 ATTENTION_DTYPES = ("float16", "bfloat16")
 # The flag variants compiled on top of the full tuning spaces (which run with the flags off), in
 # bfloat16, each at the largest tile of its own space (the tile with the least register headroom):
@@ -283,7 +283,7 @@ ATTENTION_FLAG_VARIANTS = (
 
 @gate_entry("attention")
 def _attention() -> list[Variant]:
-    from kernels import attention
+    from encoder_kernels import attention
 
     variants = []
     for dtype in ATTENTION_DTYPES:
@@ -301,7 +301,7 @@ def _attention() -> list[Variant]:
 def _rms_norm() -> list[Variant]:
     import triton
 
-    from kernels import norms
+    from encoder_kernels import norms
 
     variants = []
     # The offset (Gemma's 1 + weight) is one constant: with and without a residual. (float32 would
@@ -324,7 +324,7 @@ def _rms_norm() -> list[Variant]:
 def _rotary() -> list[Variant]:
     import triton
 
-    from kernels import rotary
+    from encoder_kernels import rotary
 
     variants = []
     # Rotary alone (Mistral, Gemma-2) and with Qwen3's q/k RMSNorm fused (QK_NORM; Qwen3-8B and 0.6B).
@@ -352,7 +352,7 @@ def _rotary() -> list[Variant]:
 def _pooling() -> list[Variant]:
     import triton
 
-    from kernels import pooling
+    from encoder_kernels import pooling
 
     hidden = MISTRAL_7B["hidden"]
     block_h = triton.next_power_of_2(hidden)
@@ -386,7 +386,7 @@ def _pooling() -> list[Variant]:
 def _gated_activation() -> list[Variant]:
     import triton
 
-    from kernels import activations
+    from encoder_kernels import activations
 
     n_cols = MISTRAL_7B["intermediate"]
     gate_up, out = _empty(TOKENS, 2 * n_cols), _empty(TOKENS, n_cols)
@@ -428,7 +428,7 @@ def run_gate(jobs: int = 2, only: str | None = None, timeout: float | None = Non
         env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = str(directory / "cache")  # cold, as in CI: every variant compiles
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (silences its warning)
-        command = [sys.executable, "-m", "kernels.sm90", "--worker", str(directory)] + (["--only", only] if only else [])
+        command = [sys.executable, "-m", "encoder_kernels.sm90", "--worker", str(directory)] + (["--only", only] if only else [])
         root = Path(__file__).resolve().parent.parent
         workers = [subprocess.Popen(command, env=env, cwd=root) for _ in range(max(1, jobs))]
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -452,7 +452,7 @@ def run_gate(jobs: int = 2, only: str | None = None, timeout: float | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.sm90", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m encoder_kernels.sm90", description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--only", help="only variants whose name contains this")
     parser.add_argument("--json", type=Path, help="write the reports here")

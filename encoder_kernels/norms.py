@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_launchable, check_rows, interpreting
+from encoder_kernels._common import check_launchable, check_rows, interpreting
 
 
 def rms_norm_reference(
