@@ -2,7 +2,7 @@
 
 One random checkpoint per setup (Mistral-family for the encode suite, Qwen2-family for the CPU fast
 path) is saved with ``converters.tiny_models.save_tiny_checkpoint`` and converted with
-``converters.hf2engine.convert``; every system loads its weights from those two directories, so all
+``converters.convert.convert``; every system loads its weights from those two directories, so all
 of them run the same shapes and the same weights:
 
 - ``engine_triton``: ``Engine(backend="triton")``, the fast path (CUDA only);
@@ -140,7 +140,7 @@ def build_checkpoints(setup: BenchSetup, root: Path) -> tuple[Path, Path]:
     With ``BENCH_CACHE_DIR`` set, the directories are kept there (keyed by shape, layers and dtype) and
     reused by later sessions.
     """
-    from converters.hf2engine import convert
+    from converters.convert import convert
     from converters.tiny_models import save_tiny_checkpoint
 
     cache = os.environ.get("BENCH_CACHE_DIR")

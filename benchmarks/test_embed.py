@@ -44,7 +44,7 @@ MODEL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, interme
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from converters.hf2engine import convert
+    from converters.convert import convert
     from converters.tiny_models import sample_sentences, save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("bench-embed")

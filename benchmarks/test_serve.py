@@ -55,7 +55,7 @@ def _settings() -> dict:
 
 
 def _build(root: Path, hidden: int, layers: int) -> Path:
-    from converters.hf2engine import convert
+    from converters.convert import convert
     from converters.tiny_models import save_tiny_checkpoint
 
     src = save_tiny_checkpoint(root / "hf", "llama", hidden_size=hidden, num_layers=layers, num_heads=8,

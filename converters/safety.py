@@ -6,9 +6,8 @@
   would make them 0700, and a renamed temporary directory *is* the output) and carry an owner
   marker (pid, process start time, boot, host). A later run sweeps the ones whose owner is provably
   gone (killed with SIGKILL, power loss); nothing without our name pattern and marker is touched.
-- SIGTERM, SIGHUP and SIGQUIT become :class:`Interrupted` (a ``KeyboardInterrupt``) inside
-  :func:`signals_interrupt`, so that the same clean-up as Ctrl-C runs; :func:`deferred_interrupts`
-  holds them off during a section that must not stop halfway (swapping an output into place).
+- Signals are :mod:`engine.shell`'s: inside ``signals_interrupt`` SIGTERM, SIGHUP and SIGQUIT run the
+  same clean-up as Ctrl-C, and ``deferred_interrupts`` holds them off while an output is swapped in.
 - A full disk (``ENOSPC``/``EDQUOT``, also as safetensors reports it) is recognised by
   :func:`is_disk_full` and described in one line by :func:`disk_full_line`.
 
@@ -22,17 +21,13 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable
 
 MARKER = ".llm-encoder-engine-owner.json"
 _KINDS = ("tmp", "old", "base")
 _NAME = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old|base)-[0-9a-f]{8}$")
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -247,75 +242,6 @@ def follow_umask(file: Path) -> None:
     """Give ``file`` the mode a plain ``open(..., "w")`` would have: safetensors writes through a
     temporary file created 0600 and renames it, whatever the user's umask."""
     os.chmod(file, 0o666 & ~current_umask())
-
-
-# ---------------------------------------------------------------------------------------------------
-# Signals
-
-
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by a signal; ``exit_code`` is the shell's ``128 + signal number``."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        self.signame = signal.Signals(signum).name
-        super().__init__(self.signame)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-def exit_code(exc: KeyboardInterrupt) -> int:
-    return exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
-
-
-def signal_name(exc: KeyboardInterrupt) -> str:
-    return exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-
-
-_deferred = threading.local()
-
-
-def _handler(signum: int, frame) -> None:
-    if getattr(_deferred, "depth", 0):
-        _deferred.pending = signum
-        return
-    raise Interrupted(signum)
-
-
-@contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """Inside: SIGINT, SIGTERM, SIGHUP and SIGQUIT raise :class:`Interrupted` in the main thread
-    (a command line's clean-up then runs as for Ctrl-C). Previous handlers are restored on exit.
-    Outside the main thread (a library caller's worker) nothing is changed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    try:
-        for s in _SIGNALS:
-            previous[s] = signal.signal(s, _handler)
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old if old is not None else signal.SIG_DFL)
-
-
-@contextmanager
-def deferred_interrupts() -> Iterator[Callable[[], bool]]:
-    """A section that must not stop halfway. A signal arriving inside (under
-    :func:`signals_interrupt`) is held and raised when the section ends; the yielded function says
-    whether one arrived, so the section can undo its work before that happens."""
-    _deferred.depth = getattr(_deferred, "depth", 0) + 1
-    try:
-        yield lambda: getattr(_deferred, "pending", None) is not None
-    finally:
-        _deferred.depth -= 1
-        pending = getattr(_deferred, "pending", None)
-        if _deferred.depth == 0 and pending is not None:
-            _deferred.pending = None
-            raise Interrupted(pending)
 
 
 # ---------------------------------------------------------------------------------------------------

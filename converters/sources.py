@@ -55,11 +55,6 @@ class ConversionError(ValueError):
     """A user-facing conversion failure; ``str(err)`` is the one line printed by the CLI."""
 
 
-def error_line(exc: BaseException) -> str:
-    """``exc`` as the one line a command-line tool prints: white space folded, never empty."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: its shard, safetensors dtype tag and shape (from the header only)."""

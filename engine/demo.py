@@ -14,13 +14,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
-import torch
+from . import shell
 
-from converters.hf2engine import convert
-from converters.tiny_models import sample_sentences, save_tiny_checkpoint
-
-from .encoder import Engine
+PROG = "engine.demo"
 
 DEMO_INPUTS = [
     "The river flows through the city toward the mountain.",
@@ -30,13 +28,27 @@ DEMO_INPUTS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = shell.Parser(name=PROG, prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--backend", default=None, help="engine backend (default: the device's default)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return shell.run(PROG, _parser(), argv, _demo, on_interrupt=lambda args: "stopped")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from converters.convert import convert
+    from converters.tiny_models import sample_sentences, save_tiny_checkpoint
+
+    from .encoder import Engine
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="engine-demo-"))
     try:
         hf_dir, engine_dir = workdir / "tiny-llama-hf", workdir / "tiny-llama-engine"
@@ -45,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                              intermediate_size=688, vocab_size=512, max_shard_size="2MB")
         print(f"2. converting it: python -m converters.hf2engine {hf_dir} {engine_dir}")
         convert(hf_dir, engine_dir, force=True, quiet=True)
-        engine = Engine.from_pretrained(engine_dir, device=args.device, backend=args.backend)
+        engine = Engine.from_pretrained(engine_dir, device=device, backend=args.backend)
         print(f"3. loaded: {engine.config.model.family}, hidden {engine.hidden_size}, "
               f"{engine.config.model.num_layers} layers, dtype {engine.model.embed.weight.dtype}, "
               f"backend {engine.model.ops.name}, device {engine.device}")
@@ -72,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from .backends import default_backend, get_ops
 from .batch import pack
 from .device import resolve_device
 from .graphs import BucketedForward
-from .format import DTYPES, ENCODE_POOLING, EngineConfig, FormatError
+from .choices import POOLING_MODES
+from .format import DTYPES, EngineConfig, FormatError
 from .inputs import TokenizedExample, TokenizerRules, parse_inputs, pooling_plan, tokenize, tokenizer_rules
 from .model import EncoderModel
 
@@ -87,8 +88,8 @@ class Engine:
         config = EngineConfig.read(path)
         dtype = _resolve_dtype(dtype, config.dtype, device)
         pooling = config.pooling if pooling is None else pooling
-        if pooling not in ENCODE_POOLING:
-            raise ValueError(f"pooling={pooling!r}: expected one of {ENCODE_POOLING}")
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling={pooling!r}: expected one of {POOLING_MODES}")
         if max_length is None:
             max_length = config.max_length
         elif not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:

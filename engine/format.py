@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .choices import DTYPE_NAMES, POOLING_MODES
 from .config import ConfigError, ModelConfig
 
 FORMAT_NAME = "llm-encoder-engine"
@@ -34,8 +35,7 @@ ENGINE_CONFIG = "engine_config.json"
 WEIGHTS_INDEX = "weights.index.json"
 SHARD_CONFIG_KEY = "engine_model_config_sha256"  # in every shard's safetensors metadata
 # Public pooling names: how an embedding is read from the final hidden states.
-ENCODE_POOLING = ("mean", "weighted_mean", "last_token", "bos_token")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 _FLOAT_TAGS = {torch.float32, torch.float16, torch.bfloat16}
 
 
@@ -60,7 +60,7 @@ def shard_metadata(model: ModelConfig) -> dict[str, str]:
 class EngineConfig:
     """``engine_config.json``.
 
-    Input and pooling defaults: ``pooling`` (see ``ENCODE_POOLING``); ``include_prompt`` False pools
+    Input and pooling defaults: ``pooling`` (see ``POOLING_MODES``); ``include_prompt`` False pools
     only the text's own tokens (the LLM2Vec rule: never an instruction, prompt or special token),
     True pools every token the model read, as sentence-transformers does with ``include_prompt``;
     ``append_eos`` appends the EOS token after truncation to ``max_length - 1`` (e5-mistral's
@@ -85,8 +85,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise FormatError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.pooling not in ENCODE_POOLING:
-            raise FormatError(f"pooling: expected one of {', '.join(ENCODE_POOLING)}, got {self.pooling!r}")
+        if self.pooling not in POOLING_MODES:
+            raise FormatError(f"pooling: expected one of {', '.join(POOLING_MODES)}, got {self.pooling!r}")
         if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 1:
             raise FormatError(f"max_length: expected a positive integer, got {self.max_length!r}")
         if self.append_eos and self.max_length < 2:

@@ -20,7 +20,7 @@ _ENGINES: list[Path] = []
 def tiny_engine(tmp_path_factory) -> Path:
     """A tiny random Llama engine (hidden 64, 2 layers), built once per test session."""
     if not _ENGINES:
-        from converters.hf2engine import convert
+        from converters.convert import convert
         from converters.tiny_models import save_tiny_checkpoint
 
         root = tmp_path_factory.mktemp("embed-engine")

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 import _checkpoints as ck
-from converters.hf2engine import convert
+from converters.convert import convert
 from engine.config import ModelConfig
 from engine.format import ENGINE_CONFIG, WEIGHTS_INDEX, EngineConfig
 
@@ -245,7 +245,7 @@ def test_streaming_peak_memory_stays_near_one_layer(tmp_path):
 
     probe = (
         "import resource, sys\n"
-        "import converters.hf2engine as h, converters.lora, converters.sources\n"
+        "import converters.convert as h, converters.lora, converters.sources\n"
         "if len(sys.argv) > 1:\n"
         "    h.convert(sys.argv[1], sys.argv[2], loras=sys.argv[3:], quiet=True)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"  # Linux: KiB

@@ -19,8 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import _checkpoints as ck
-from converters import hf2engine, safety
-from converters.hf2engine import ConversionError, convert, main
+from converters import convert as convert_module, safety
+from converters.convert import ConversionError, convert
+from converters.hf2engine import main
 from engine.format import ENGINE_CONFIG, EngineConfig
 
 SHARDS = "model.safetensors.index.json"
@@ -323,9 +324,9 @@ def _disk_full_on_call(n, real):
 @pytest.mark.parametrize("where", ["shard", "tokenizer copy"])
 def test_disk_full_is_one_line_and_leaves_nothing(monkeypatch, capsys, tmp_path, where):
     if where == "shard":
-        monkeypatch.setattr(hf2engine, "save_file", _disk_full_on_call(3, save_file))
+        monkeypatch.setattr(convert_module, "save_file", _disk_full_on_call(3, save_file))
     else:
-        monkeypatch.setattr(hf2engine.shutil, "copyfile", _disk_full_on_call(1, shutil.copyfile))
+        monkeypatch.setattr(convert_module.shutil, "copyfile", _disk_full_on_call(1, shutil.copyfile))
     _fails(capsys, [ck.tiny("llama")], "no space left on device writing", tmp_path / "out")
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import sample_sentences, save_tiny_checkpoint
 from engine import Engine
 from engine.format import FormatError

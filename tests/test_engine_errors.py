@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import _checkpoints as ck
-from converters.hf2engine import convert
+from converters.convert import convert
 from engine import Engine
 from engine.format import ENGINE_CONFIG, WEIGHTS_INDEX, FormatError
 

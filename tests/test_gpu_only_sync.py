@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _checkpoints import tiny
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import sample_sentences
 from engine import Engine
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _checkpoints import tiny
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import sample_sentences
 from engine import Engine
 from engine.graphs import MAX_SEQUENCES, TOKEN_BUCKETS, BucketedForward, bucket_shape, pack_padded

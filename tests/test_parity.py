@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from _hf_reference import POOLINGS, hf_embeddings
 
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import save_lora_adapter, save_tiny_checkpoint
 from engine import Engine
 

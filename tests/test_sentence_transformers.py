@@ -18,7 +18,8 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from converters.hf2engine import convert, main
+from converters.convert import convert
+from converters.hf2engine import main
 from converters.sources import ConversionError
 from converters.tiny_models import FAMILY_VARIANTS, save_tiny_sentence_transformer
 from engine import Engine

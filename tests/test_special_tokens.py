@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import _checkpoints as ck
-from converters.hf2engine import convert
+from converters.convert import convert
 from engine import Engine
 
 SPECIAL = ("<s>", "</s>", "<pad>")

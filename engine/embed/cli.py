@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from .job import COMPUTE_DTYPES, FORMATS, EmbedError, EmbedOptions, embed_corpus
+from .. import shell
+from ..choices import COMPUTE_DTYPES
+from .options import FORMATS, OUTPUT_DTYPES, EmbedOptions
 
-PROG = "python -m engine.embed"
+PROG = "engine.embed"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
+    p = shell.Parser(
+        name=PROG, prog=f"python -m {PROG}",
         description="Embed a corpus into sharded, resumable output, in this process or on a Ray cluster "
                     "(see docs/corpus.md).")
     p.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="a directory written by converters.hf2engine")
@@ -23,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--format", choices=FORMATS, default="parquet",
                      help="parquet (id, embedding) or npy (+ ids.jsonl) shards (default: parquet)")
-    out.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
+    out.add_argument("--output-dtype", choices=OUTPUT_DTYPES, default="float32",
                      help="dtype of the stored embeddings (default: float32); independent of --dtype")
     out.add_argument("--shard-size", type=int, default=100_000, metavar="N",
                      help="records per shard: shard k holds records [k*N, (k+1)*N) (default: 100000)")
@@ -69,10 +70,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse has printed usage or help
-        return int(exc.code or 0)
+    return shell.run(PROG, _parser(), argv, _embed,
+                     on_interrupt=lambda args: "the complete shards are kept: rerun with --resume")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from .job import embed_corpus
+
     options = EmbedOptions(
         format=args.format, output_dtype=args.output_dtype, dtype=args.dtype, normalize=args.normalize,
         max_length=args.max_length, instruction=args.instruction, prompt_name=args.prompt_name,
@@ -80,18 +84,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, workers=args.workers, ray=args.ray,
         gpus_per_worker=args.gpus_per_worker, threads=args.threads, skip_bad=args.skip_bad, quiet=args.quiet,
         resume=args.resume, force=args.force)
-    try:
-        embed_corpus(args.engine_dir, args.inputs, args.out, options)
-    except (EmbedError, OSError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the complete shards are kept: rerun with --resume", file=sys.stderr)
-        return 130
-    return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    return " ".join(str(exc).split()) or type(exc).__name__
+    embed_corpus(args.engine_dir, args.inputs, args.out, options)

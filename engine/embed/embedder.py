@@ -19,8 +19,6 @@ from ..encoder import Engine, plan_batches
 from ..inputs import TokenizedExample
 from .readers import Record
 
-OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
-
 
 @dataclass
 class Embedded:
@@ -87,7 +85,7 @@ class ChunkEmbedder:
         self.normalize = normalize
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
-        self.dtype = np.dtype(OUTPUT_DTYPES[output_dtype])
+        self.dtype = np.dtype(output_dtype)
         self.worker = worker
 
     def _inputs(self, records: Sequence[Record]) -> list[Any]:

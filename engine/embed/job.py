@@ -15,21 +15,19 @@ import os
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..choices import COMPUTE_DTYPES
 from ..format import ENGINE_CONFIG, EngineConfig, FormatError, model_config_hash, read_index, sha256_file
-from .embedder import OUTPUT_DTYPES, Embedded
+from .embedder import Embedded
 from .output import Manifest, OutputError, append_errors, make_writer, prepare_output
+from .options import FORMATS, OUTPUT_DTYPES, EmbedOptions
 from .readers import Corpus, Fields, InputError, scan_corpus
-
-COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-FORMATS = ("parquet", "npy")
-
 
 class EmbedError(ValueError):
     """A user-facing failure of an embedding job; ``str(err)`` is the one line the CLI prints."""
@@ -37,48 +35,6 @@ class EmbedError(ValueError):
 
 class BadRecord(EmbedError):
     """A record that cannot be embedded (without ``skip_bad``): names its file and line."""
-
-
-@dataclass(frozen=True)
-class EmbedOptions:
-    """Options of :func:`embed_corpus` (the CLI's flags).
-
-    What the output depends on, recorded in the manifest and required to match on ``resume``:
-    ``format``, ``output_dtype`` (the stored embedding dtype), ``dtype`` (the compute dtype, ``auto``
-    = float32 on CPU, bfloat16 on CUDA, recorded resolved), ``normalize`` (None: the engine's
-    default), ``max_length`` (None: the engine's), ``instruction`` / ``prompt_name``, ``text_field``,
-    ``id_field`` (None: ``id`` when the input has it, else line numbers), ``shard_size``.
-    How it runs, free to change between runs: ``device``, ``batch_size``, ``max_batch_tokens``,
-    ``workers``, ``ray`` (None: no Ray; "": ``ray.init()``'s default; else an address, ``auto`` for
-    an existing cluster), ``gpus_per_worker``, ``threads`` (torch threads per worker), ``skip_bad``,
-    ``quiet``, ``resume``, ``force``.
-    """
-
-    format: str = "parquet"
-    output_dtype: str = "float32"
-    dtype: str = "auto"
-    normalize: bool | None = None
-    max_length: int | None = None
-    instruction: str | None = None
-    prompt_name: str | None = None
-    text_field: str = "text"
-    id_field: str | None = None
-    shard_size: int = 100_000
-    device: str | None = None
-    batch_size: int = 256
-    max_batch_tokens: int = 16384
-    workers: int | None = None
-    ray: str | None = None
-    gpus_per_worker: float = 1.0
-    threads: int | None = None
-    skip_bad: bool = False
-    quiet: bool = False
-    resume: bool = False
-    force: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.workers is not None or self.ray is not None
 
 
 def embed_corpus(
@@ -143,7 +99,7 @@ def _run(opts, engine_dir, corpus, fields, settings, device, prepared, out, conf
     pending = prepared.pending
     todo = sum(corpus.shard_range(k)[1] - corpus.shard_range(k)[0] for k in pending)
     sink = ShardSink(out, corpus, manifest, pending, opts.format, config.model.hidden_size,
-                     np.dtype(OUTPUT_DTYPES[settings["output_dtype"]]), opts.skip_bad)
+                     np.dtype(settings["output_dtype"]), opts.skip_bad)
     bar = tqdm(total=todo, unit="passage", desc="embed", disable=opts.quiet, file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
     stream: Iterator[Embedded] | None = None

@@ -1,36 +1,23 @@
-"""``python -m engine.serve ENGINE_DIR [options]``: load, bind, warm up, serve; drain on SIGTERM/SIGINT.
+"""``python -m engine.serve ENGINE_DIR [options]``: parse, load, bind, then serve (:mod:`.server`).
 
-Startup: the options are checked, the engine is loaded and the port is bound before anything is
+Parsing comes before any heavy import, so ``--help`` and usage errors answer at once. Startup: the options are checked, the engine is loaded and the port is bound before anything is
 served, so a bad ENGINE_DIR, option or address ends with one line on stderr and exit status 2. Then
 the HTTP server starts and the worker warms the engine up (``GET /health`` answers 503 until it is
 ready).
-
-Shutdown: the first SIGTERM or SIGINT stops accepting (the listening socket closes, ``/health`` and
-new requests get 503), every request already accepted is finished, and the process exits 0. A second
-SIGINT forces the exit. uvicorn re-raises the caught signal after its graceful shutdown, so that with
-the default disposition the process would die by the signal; installing our own handlers first,
-which uvicorn restores before re-raising, turns that final re-raise into a no-op.
 """
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Sequence
 
-import uvicorn
+from .. import shell
+from ..choices import COMPUTE_DTYPES
 
 PROG = "engine.serve"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not the usage block
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
 
 
 def _positive(value: str) -> int:
@@ -54,14 +41,14 @@ def _port(value: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {PROG}", description="Serve embeddings from a converted engine directory over "
+    p = shell.Parser(name=PROG, prog=f"python -m {PROG}", description="Serve embeddings from a converted engine directory over "
                 "HTTP: OpenAI's POST /v1/embeddings and text-embeddings-inference's POST /embed, with "
                 "token-budget batching of concurrent requests.")
     p.add_argument("engine_dir", metavar="ENGINE_DIR", type=Path, help="a directory written by converters.hf2engine")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="auto", help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--max-batch-tokens", type=_positive, default=16384, help="tokens per forward (default 16384)")
     p.add_argument("--max-batch-size", type=_positive, default=256, help="inputs per forward (default 256)")
     p.add_argument("--max-queue-tokens", type=_positive, default=262144,
@@ -77,16 +64,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from converters.sources import error_line  # imported after parsing so that --help stays fast
-
+    args = shell.parse(parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
-        api_key = _api_key(args)
-        engine = _load(args)
-        sock = _bind(args.host, args.port)
+        with shell.signals_interrupt():  # Ctrl-C while loading: 130, as for every command
+            api_key = _api_key(args)
+            engine = _load(args)
+            sock = _bind(args.host, args.port)
     except (OSError, ValueError, TypeError) as exc:  # FormatError and ConfigError are ValueErrors
-        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
-        return 2
+        return shell.fail(PROG, exc)
+    except KeyboardInterrupt as exc:
+        print(f"{PROG}: interrupted by {shell.signal_name(exc)} while starting; nothing was served", file=sys.stderr)
+        return shell.exit_code(exc)
+    from .server import serve
+
     return serve(engine, sock, args, api_key)
 
 
@@ -123,54 +115,3 @@ def _bind(host: str, port: int) -> socket.socket:
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def serve(engine: Any, sock: socket.socket, args: argparse.Namespace, api_key: str | None) -> int:
-    from .app import Settings, create_app, request_bytes_limit
-
-    logging.basicConfig(level=logging.DEBUG if args.log_level == "trace" else args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name = args.served_model_name or args.engine_dir.resolve().name
-    settings = Settings(served_model_name=name, max_batch_tokens=args.max_batch_tokens,
-                        max_batch_size=args.max_batch_size, max_queue_tokens=args.max_queue_tokens,
-                        max_request_bytes=request_bytes_limit(args.max_queue_tokens), api_key=api_key)
-    app = create_app(engine, settings)
-    service = app.state.service
-    host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "trace"),
-                            lifespan="on", timeout_keep_alive=30)
-    server = _Server(config, on_signal=lambda: setattr(service, "draining", True))
-    failure: list[BaseException] = []
-
-    def warmup_failed(exc: BaseException) -> None:
-        failure.append(exc)
-        server.should_exit = True
-
-    service.scheduler.on_failure = warmup_failed
-    log = logging.getLogger("engine.serve")
-    log.info("serving %r (%r) on http://%s:%d; warming up", name, engine, host, port)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _after_drain)
-    server.run(sockets=[sock])
-    if failure:
-        from converters.sources import error_line
-
-        print(f"{PROG}: error: warm-up failed: {error_line(failure[0])}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _after_drain(sig: int, frame: Any) -> None:
-    """What the signal does once uvicorn has drained and re-raises it: nothing; main returns 0."""
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, telling the app to refuse new requests as soon as the first signal lands."""
-
-    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_signal = on_signal
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self._on_signal()
-        super().handle_exit(sig, frame)

@@ -3,8 +3,7 @@
 Command line: ``python -m engine.train {mntp,simcse,supervised} --help``; see docs/training.md.
 From Python: ``train(make_config("simcse", model=..., lora=[...], data=..., out=...))``.
 """
-from .config import TrainConfig, TrainError, make_config
-from .data import DataError
+from .config import DataError, TrainConfig, TrainError, make_config
 
 __all__ = ["DataError", "TrainConfig", "TrainError", "make_config", "train"]
 

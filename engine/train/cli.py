@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
-from .config import ADAPTER_LAYOUTS, DTYPES, LORA_TARGETS, MASK_TOKENS, OBJECTIVE_DEFAULTS, POOLINGS, TrainError, make_config
+from .. import shell
+from ..choices import POOLING_MODES
+from .config import ADAPTER_LAYOUTS, DTYPES, LORA_TARGETS, MASK_TOKENS, OBJECTIVE_DEFAULTS, make_config
 
 PROG = "engine.train"
 USAGE_EPILOG = """\
@@ -59,8 +60,8 @@ def _add_common(p: argparse.ArgumentParser, objective: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
+    parser = shell.Parser(
+        name=PROG, prog=f"python -m {PROG}",
         description="Train LLM2Vec LoRA adapters (MNTP, SimCSE, supervised contrastive) on the engine's reference model.",
         epilog=USAGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="adapter merged into the base before training (repeatable, in order)")
         _add_common(p, name)
         g = p.add_argument_group("contrastive")
-        g.add_argument("--pooling", choices=POOLINGS, help="as Engine.encode (default mean)")
+        g.add_argument("--pooling", choices=POOLING_MODES, help="as Engine.encode (default mean)")
         g.add_argument("--loss-scale", type=float, help=f"cosine similarity scale (default {OBJECTIVE_DEFAULTS[name]['loss_scale']:g})")
         if name == "simcse":
             g.add_argument("--simcse-dropout", type=float, help="dropout on attention probabilities (default 0.3)")
@@ -92,33 +93,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse printed usage or help
-        return int(exc.code or 0)
+    return shell.run(PROG, _parser(), argv, _train, on_interrupt=_advice)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .loop import train
+
     options = {k: v for k, v in vars(args).items() if k not in ("objective", "config")}
-    # Imported here so that --help stays fast.
-    from converters.safety import exit_code, resolve_path, signal_name, signals_interrupt
-    from converters.sources import ConversionError, error_line
+    args.resolved = make_config(args.objective, args.config, **options)
+    train(args.resolved)
 
-    from ..config import ConfigError
-    from ..format import FormatError
-    from .loop import last_checkpoint, train
 
-    cfg = None
-    try:
-        with signals_interrupt():
-            cfg = make_config(args.objective, args.config, **options)
-            train(cfg)
-    except (TrainError, ConversionError, ConfigError, FormatError, OSError) as exc:
-        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        checkpoint = last_checkpoint(resolve_path(cfg.out)) if cfg is not None else None
-        if checkpoint is None:
-            advice = "stopped before the first checkpoint, so there is nothing to resume; nothing was saved"
-        else:
-            advice = f"continue from {checkpoint} with --resume"
-        print(f"{PROG}: interrupted by {signal_name(exc)}; {advice}", file=sys.stderr)
-        return exit_code(exc)
-    return 0
+def _advice(args: argparse.Namespace) -> str:
+    """What an interrupted run kept: the checkpoint to resume from, if one was written."""
+    from converters.safety import resolve_path
+
+    from .loop import last_checkpoint
+
+    cfg = getattr(args, "resolved", None)
+    checkpoint = last_checkpoint(resolve_path(cfg.out)) if cfg is not None else None
+    if checkpoint is None:
+        return "stopped before the first checkpoint, so there is nothing to resume; nothing was saved"
+    return f"continue from {checkpoint} with --resume"

@@ -11,16 +11,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..choices import POOLING_MODES
+
 OBJECTIVES = ("mntp", "simcse", "supervised")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MASK_TOKENS = ("blank", "eos", "mask")  # "_", the EOS token, or a new mask token (training-only row)
 DTYPES = ("auto", "float32", "bfloat16")
 ADAPTER_LAYOUTS = ("auto", "causal_lm", "bare")
-POOLINGS = ("mean", "weighted_mean", "last_token", "bos_token")
 
 
 class TrainError(ValueError):
     """A user-facing training failure; ``str(err)`` is the one line the CLI prints."""
+
+
+class DataError(TrainError):
+    """A data file that cannot be trained on, with the file (and line) named."""
 
 
 @dataclass
@@ -126,7 +131,7 @@ class TrainConfig:
             raise TrainError(f"lora-targets must be a non-empty subset of {', '.join(LORA_TARGETS)}, got {targets!r}")
         if len(set(targets)) != len(targets):
             raise TrainError(f"lora-targets has duplicates: {targets!r}")
-        choices = {"mask_token": MASK_TOKENS, "dtype": DTYPES, "adapter_layout": ADAPTER_LAYOUTS, "pooling": POOLINGS}
+        choices = {"mask_token": MASK_TOKENS, "dtype": DTYPES, "adapter_layout": ADAPTER_LAYOUTS, "pooling": POOLING_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -16,13 +16,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..inputs import Example, TokenizedExample, tokenize, tokenizer_rules
-from .config import TrainError
+from .config import DataError
 
 IGNORE_INDEX = -100
-
-
-class DataError(TrainError):
-    """A data file that cannot be trained on, with the file (and line) named."""
 
 
 def _open_lines(path: str | Path) -> Iterator[tuple[int, str]]:

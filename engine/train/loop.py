@@ -365,8 +365,10 @@ def _load_base(cfg: TrainConfig, ctx: distributed.Context, src: Path, out: Path,
     The Hugging Face -> engine mapping and the LoRA merge are the converter's: rank 0 converts into a
     temporary engine directory, every process loads it, rank 0 removes it.
     """
-    from converters.hf2engine import convert
-    from converters.sources import ConversionError, error_line
+    from converters.convert import convert
+    from converters.sources import ConversionError
+
+    from ..shell import error_line
 
     tmp_root = out.parent if out.parent.is_dir() else Path(tempfile.gettempdir())
     error, path = None, None

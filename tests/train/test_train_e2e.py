@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import save_lora_adapter, save_tiny_checkpoint
 from engine import Engine
 from engine.train import make_config, train

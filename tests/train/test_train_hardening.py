@@ -15,8 +15,9 @@ import torch
 from safetensors import SafetensorError
 
 from converters import safety
-from converters.hf2engine import ConversionError, convert
+from converters.convert import ConversionError, convert
 from converters.tiny_models import save_tiny_checkpoint
+from engine import shell
 from engine.format import EngineConfig
 from engine.train import loop
 from engine.train.cli import main
@@ -294,7 +295,7 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_advise_resume(llama, corpus
 
 
 def test_a_signal_after_a_checkpoint_advises_resume(llama, corpus, tmp_path, capsys, monkeypatch):
-    _stop_at(monkeypatch, 2, safety.Interrupted(signal.SIGTERM))
+    _stop_at(monkeypatch, 2, shell.Interrupted(signal.SIGTERM))
     out = tmp_path / "out"
     code, err = _run(capsys, "simcse", "--model", llama, "--data", corpus["simcse"], "--out", out, *QUICK,
                      "--steps", "4", "--save-steps", "1")
