@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from converters.hf2engine import convert
+from converters.convert import convert
 from converters.tiny_models import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
