@@ -1,5 +1,5 @@
-"""python -m engine.embed --workers 2 on a local Ray instance started by this module (one for the
-whole module): every input format through the actor pool, and an actor killed mid-job.
+"""python -m engine.embed --workers 2 on the test run's local Ray instance (``ray_instance`` in
+conftest.py): every input format through the actor pool, and an actor killed mid-job.
 
 The reference for every embedding is ``Engine.encode`` of the same passages; output files are read
 back with pyarrow alone. The killed actor is found by its process title (Ray names Ray Data's actor
@@ -21,17 +21,10 @@ import pytest
 pytest.importorskip("ray.data", reason="the distributed extra (ray[data]) is not installed")
 
 from _embed_corpus import WRITERS, read_output, relative_error, tiny_engine, write_txt  # noqa: E402
-from _ray_local import LocalRay  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.embed.cli import main  # noqa: E402
 
 ACTOR_TITLE = b"ray::MapWorker(MapBatches(EmbedWorker))"
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    with LocalRay(num_cpus=2, object_store_mb=96) as address:
-        yield address
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_workers_match_encode_for_every_format(tmp_path, ray_instance, engine_di
 def test_a_killed_actor_is_replaced_and_every_passage_appears_once(tmp_path, ray_instance, engine_dir, engine,
                                                                     capsys):
     path = tmp_path / "corpus.txt"
-    expected = write_txt(path, 1200, seed=11)
+    expected = write_txt(path, 4800, seed=11)
     out = tmp_path / "out"
     killed: dict[str, object] = {}
 
@@ -101,8 +94,12 @@ def test_a_killed_actor_is_replaced_and_every_passage_appears_once(tmp_path, ray
 
     killer = threading.Thread(target=kill_one_actor_mid_job, daemon=True)
     killer.start()
+    # Small batches over many passages: the actors' work outlasts the first shard written, so that the
+    # kill lands while the killed actor still has passages to embed (with a few large batches both
+    # actors could finish everything before the driver writes a shard, and nothing would be left to
+    # replace the killed actor for).
     code = main([str(engine_dir), str(path), "--out", str(out), "--workers", "2", "--threads", "1",
-                 "--shard-size", "200", "--batch-size", "64", "--quiet"])
+                 "--shard-size", "200", "--batch-size", "16", "--quiet"])
     killer.join(timeout=5)
     assert code == 0, capsys.readouterr().err
     assert killed and killed["complete"] < killed["shards"], f"no actor was killed mid-job: {killed}"
