@@ -15,6 +15,7 @@ Output directory ``OUT``:
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -107,6 +108,8 @@ def train(cfg: TrainConfig) -> Path:
     written under ``cfg.out``.
     """
     cfg.validate()
+    if importlib.util.find_spec("peft") is None:  # adapters are written with peft's LoraConfig
+        raise TrainError("training needs peft, which the train extra installs: pip install -e '.[train]'")
     ctx = distributed.setup(cfg.device)
     try:
         return _train(cfg, ctx)
