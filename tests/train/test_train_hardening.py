@@ -265,6 +265,14 @@ def test_without_matplotlib_the_plot_is_skipped_with_one_notice(llama, corpus, t
     assert (out / "adapter_model.safetensors").is_file() and not (out / "loss.png").exists()
 
 
+def test_without_peft_training_is_refused_before_anything_is_written(llama, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if the train extra were not installed
+    out = tmp_path / "out"
+    code, err = _run(capsys, "simcse", "--model", llama, "--data", corpus["simcse"], "--out", out, *QUICK)
+    _one_line(code, err, "training needs peft, which the train extra installs")
+    assert not out.exists()
+
+
 def _stop_at(monkeypatch, step, exc):
     """Make the objective raise ``exc`` at training step ``step`` (1-based)."""
     real = loop._objective
