@@ -257,6 +257,34 @@ BAD_CASES = {
     "csv-empty-id": ("c.csv", b"text,id\nok,7\nfine,\n", "c.csv:3: field 'id' is empty"),
 }
 
+def test_sigterm_exits_143_keeps_the_complete_shards_and_advises_resume(tmp_path, engine_dir, engine, capsys,
+                                                                        monkeypatch):
+    """A real SIGTERM to this process once the second shard is being filled: exit status 143, the
+    same one line as Ctrl-C, the first shard kept complete, and ``--resume`` finishes the job."""
+    path = tmp_path / "corpus.txt"
+    expected = write_txt(path, 180, seed=3)
+    real_add, calls = ShardSink.add, []
+
+    def add(self, chunk):
+        calls.append(len(chunk.ids))
+        if sum(calls[:-1]) >= 60:  # shard 0 ([0, 60)) is written: stop inside shard 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_add(self, chunk)
+
+    monkeypatch.setattr(ShardSink, "add", add)
+    out = tmp_path / "out"
+    code, err = run(engine_dir, path, "--out", out, "--shard-size", 60, "--batch-size", 16, capsys=capsys)
+    assert code == 143, err
+    assert err.strip() == "engine.embed: interrupted by SIGTERM; the complete shards are kept: rerun with --resume"
+    manifest = Manifest.read(out)
+    assert manifest.status == "running" and [s["complete"] for s in manifest.shards][:1] == [True]
+    monkeypatch.setattr(ShardSink, "add", real_add)
+    code, err = run(engine_dir, path, "--out", out, "--shard-size", 60, "--batch-size", 16, "--resume", capsys=capsys)
+    assert code == 0, err
+    texts = [t for _, t in expected]
+    check_output(out, expected, dict(zip(texts, engine.encode(texts, convert_to_numpy=True))))
+
+
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_record_stops_with_one_line(tmp_path, engine_dir, case, capsys):
