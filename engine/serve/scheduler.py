@@ -4,13 +4,16 @@ that owns the model and drains the queue into packed forwards.
 Requests arrive tokenised (the request handlers tokenise, off the model's critical path). Admission
 counts queued tokens: a request that would take the queue past ``max_queue_tokens`` is refused at
 once (the server answers 429 with a Retry-After estimated from recent throughput), never parked.
-Each forward is planned by the engine's own rule, :func:`engine.encoder.plan_batches` (longest
-first, at most ``max_batch_size`` inputs and ``max_batch_tokens`` tokens), over the oldest waiting
-inputs (a window of four batches' worth); the worker runs the planned batch that holds the oldest
-waiting input, so every forward makes progress on the head of the queue and nothing starves, while
-inputs of other requests of similar length ride along. A request spans as many forwards as its
-inputs need and is answered as soon as its last input is done. A cancelled request (its client
-disconnected) has its queued inputs dropped before they are computed.
+Fairness: each forward is filled round-robin over the waiting requests, one input of each per pass
+(the next input of every request first, then the one after, ...), until it holds ``max_batch_size``
+inputs or the next input would take it past ``max_batch_tokens`` (an input longer than the budget
+runs alone when its request comes first); the rotation moves on by one request per forward. So a
+request of a single sentence that arrives behind a bulk request of 100k inputs rides in the very next
+forward, not after the bulk's 100k, and a bulk request still makes progress in every forward. The
+forward's inputs are ordered by the engine's own rule, :func:`engine.encoder.plan_batches` (longest
+first). A request spans as many forwards as its inputs need and is answered as soon as its last
+input is done. A cancelled request (its client disconnected) has its queued inputs dropped before
+they are computed.
 
 Rows are written into a per-request float32 array [inputs, hidden] in input order; the embedding of
 an input does not depend on its batch neighbours, so results equal ``Engine.encode``'s. The arrays
@@ -24,7 +27,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -38,7 +41,6 @@ log = logging.getLogger("engine.serve")
 PlanFn = Callable[[list[int], int, int], list[list[int]]]
 # embed(items) -> float32 [len(items), hidden]: one packed forward (Engine.embed_tokenized).
 EmbedFn = Callable[[Sequence[TokenizedExample]], torch.Tensor]
-WINDOW_BATCHES = 4  # how many batches' worth of the oldest inputs one plan looks at
 
 
 class QueueFull(Exception):
@@ -76,6 +78,7 @@ class Job:
     finished: float | None = None
     remaining: int = 0  # rows not yet written
     queued: int = 0  # inputs not yet taken into a forward
+    pending: deque[int] = field(default_factory=deque)  # their indices, in input order
     queued_tokens: int = 0
     cancelled: bool = False
     done: bool = False
@@ -125,7 +128,7 @@ class Scheduler:
         self.max_batch_tokens, self.max_batch_size, self.max_queue_tokens = max_batch_tokens, max_batch_size, max_queue_tokens
         self._warmup, self._observer = warmup, observer
         self._cond = threading.Condition()
-        self._queue: deque[_Entry] = deque()
+        self._jobs: deque[Job] = deque()  # requests with inputs waiting, in round-robin order
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.stats = Stats()
@@ -174,7 +177,8 @@ class Scheduler:
             if not items:
                 job.done = True
             else:
-                self._queue.extend(_Entry(job, i) for i in range(len(items)))
+                job.pending.extend(range(len(items)))
+                self._jobs.append(job)
                 stats.queued_requests += 1
                 stats.queued_tokens += n_tokens
                 self._cond.notify()
@@ -191,6 +195,9 @@ class Scheduler:
                 return 0
             job.cancelled = True
             dropped = job.queued
+            if job.pending:
+                self._jobs.remove(job)
+                job.pending.clear()
             self._take(job, job.queued, job.queued_tokens)
             self.stats.dropped_inputs += dropped
         if dropped:
@@ -232,33 +239,48 @@ class Scheduler:
             self._forward(batch)
 
     def _next_batch(self) -> list[_Entry] | None:
-        """Wait for inputs; plan the oldest window with the engine's rule; take the planned batch
-        that holds the oldest input. None once stopping and the queue is empty."""
+        """Wait for inputs, then take the next forward's (see the module docstring). None once
+        stopping and nothing waits."""
         with self._cond:
-            while True:
-                while self._queue and self._queue[0].job.cancelled:
-                    self._queue.popleft()
-                if self._queue:
-                    break
+            while not self._jobs:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            window: list[_Entry] = []
-            tokens = 0
-            limit_inputs, limit_tokens = WINDOW_BATCHES * self.max_batch_size, WINDOW_BATCHES * self.max_batch_tokens
-            while self._queue and len(window) < limit_inputs and tokens < limit_tokens:
-                entry = self._queue.popleft()
-                if not entry.job.cancelled:
-                    window.append(entry)
-                    tokens += entry.n_tokens
-            batches = self._plan([e.n_tokens for e in window], self.max_batch_size, self.max_batch_tokens)
-            chosen = next(b for b in batches if 0 in b)
-            picked = set(chosen)
-            self._queue.extendleft(reversed([e for i, e in enumerate(window) if i not in picked]))
-            batch = [window[i] for i in chosen]
-            for entry in batch:
+            picked = self._round_robin()
+            (order,) = self._plan([e.n_tokens for e in picked], self.max_batch_size, self.max_batch_tokens)
+            batch = [picked[i] for i in order]
+            for entry in picked:
+                entry.job.pending.popleft()  # each request's inputs are taken from the front, in order
                 self._take(entry.job, 1, entry.n_tokens)
+            for job in {e.job for e in picked if not e.job.pending}:
+                self._jobs.remove(job)
+            self._jobs.rotate(-1)
             return batch
+
+    def _round_robin(self) -> list[_Entry]:
+        """One input of each waiting request per pass, in rotation order, within both budgets; a
+        request whose next input does not fit is left for a later forward. The first request's first
+        input is always taken, alone if it exceeds the token budget by itself (lock held)."""
+        head = self._jobs[0]
+        first = _Entry(head, head.pending[0])
+        if first.n_tokens >= self.max_batch_tokens:
+            return [first]
+        picked, tokens = [], 0
+        cursors = [(job, iter(job.pending)) for job in self._jobs]
+        while cursors and len(picked) < self.max_batch_size:
+            still = []
+            for job, cursor in cursors:
+                index = next(cursor, None)
+                if index is None:
+                    continue
+                entry = _Entry(job, index)
+                if tokens + entry.n_tokens > self.max_batch_tokens or len(picked) == self.max_batch_size:
+                    continue  # this request's next input waits for a later forward
+                picked.append(entry)
+                tokens += entry.n_tokens
+                still.append((job, cursor))
+            cursors = still
+        return picked
 
     def _forward(self, batch: list[_Entry]) -> None:
         start = time.perf_counter()
@@ -275,6 +297,9 @@ class Scheduler:
                 for job in jobs:
                     if not job.done:
                         job.done = job.cancelled = True
+                        if job.pending:
+                            self._jobs.remove(job)
+                            job.pending.clear()
                         self._take(job, job.queued, job.queued_tokens)
             for job in jobs:
                 job.on_done(exc)

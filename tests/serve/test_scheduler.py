@@ -145,12 +145,14 @@ def test_forward_takes_the_oldest_inputs_plan_batch():
         sched.stop(TIMEOUT)
 
 
-def test_large_request_spans_forwards_and_small_ones_ride_along():
+def test_large_request_spans_forwards_and_a_small_one_is_not_kept_waiting_behind_it():
+    """Round-robin: the small request that queued behind a large one rides in the next forward with
+    the large one's first inputs, and is answered before the large one."""
     fake = FakeEngine()
     sched = make(fake, max_batch_tokens=40, max_batch_size=64)
     try:
         blocker = hold_worker(sched, fake)
-        large = items(*[10] * 11)  # 110 tokens: three forwards, the last one with room for 10 more
+        large = items(*[10] * 11)  # 110 tokens: three forwards
         small = items(7)
         wl, ws = Waiter(), Waiter()
         job_l = sched.submit(large, wl)
@@ -159,11 +161,39 @@ def test_large_request_spans_forwards_and_small_ones_ride_along():
         for w in (blocker, wl, ws):
             w.wait()
         forwards = fake.forwards[1:]
-        assert [sum(n for _, n in f) for f in forwards] == [40, 40, 37]
-        assert forwards[2][-1] == (small[0].input_ids[0], 7), "the small request rode with the large one's last forward"
-        assert job_s.finished == job_l.finished
+        assert [sum(n for _, n in f) for f in forwards] == [37, 40, 40]
+        assert forwards[0][-1] == (small[0].input_ids[0], 7), "the small request rode in the first forward"
+        assert [tag for f in forwards for tag, n in f if n == 10] == [t.input_ids[0] for t in large], "in order"
+        assert job_s.finished < job_l.finished
         assert_rows(job_l, large)
         assert_rows(job_s, small)
+    finally:
+        fake.gate.set()
+        sched.stop(TIMEOUT)
+
+
+def test_round_robin_serves_every_waiting_request_in_the_next_forward():
+    """Many single-input requests queued behind a bulk request all ride in the first forward after
+    it (the batch has room for one input of each); the bulk request progresses in every forward."""
+    fake = FakeEngine()
+    sched = make(fake, max_batch_tokens=64, max_batch_size=8)
+    try:
+        blocker = hold_worker(sched, fake)
+        bulk = items(*[3] * 40)
+        singles = [items(5) for _ in range(6)]
+        waiters = [Waiter() for _ in range(7)]
+        sched.submit(bulk, waiters[0])
+        for r, w in zip(singles, waiters[1:]):
+            sched.submit(r, w)
+        fake.gate.set()
+        for w in (blocker, *waiters):
+            w.wait()
+        forwards = fake.forwards[1:]
+        first = {tag for tag, _ in forwards[0]}
+        assert {r[0].input_ids[0] for r in singles} <= first, "every single request in the first forward"
+        bulk_tags = {t.input_ids[0] for t in bulk}
+        assert all(bulk_tags & {tag for tag, _ in f} for f in forwards), "the bulk request progresses every forward"
+        assert sorted(tag for f in forwards for tag, _ in f) == sorted(bulk_tags | {r[0].input_ids[0] for r in singles})
     finally:
         fake.gate.set()
         sched.stop(TIMEOUT)
