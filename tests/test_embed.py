@@ -6,7 +6,10 @@ their batch neighbours); output files are read back with pyarrow / numpy alone.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
 import signal
@@ -23,9 +26,10 @@ from _embed_corpus import WRITERS, read_output, relative_error, tiny_engine, wri
 from engine import Engine
 from engine.embed.cli import main
 from engine.embed.embedder import Embedded
+from engine.embed import output
 from engine.embed.job import ShardSink
 from engine.embed.local import prefetched
-from engine.embed.output import Manifest
+from engine.embed.output import Manifest, NpyShardWriter
 from engine.embed.readers import Fields, iter_shard, scan_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +176,26 @@ def test_prefetched_raises_producer_errors_and_stops_early():
     assert len(produced) <= 3 + 2 + 1
 
 
+def test_parquet_embeddings_are_stored_plain(tmp_path, engine_dir, corpus, capsys):
+    """The embedding column is written plain (pyarrow's default dictionary encoding stored random
+    floats in 1.5x their size): the file is close to rows * hidden * 4 bytes."""
+    import pyarrow.parquet as pq
+
+    path, expected = corpus["txt"]
+    code, err = run(engine_dir, path, "--out", tmp_path / "out", capsys=capsys)
+    assert code == 0, err
+    shard = tmp_path / "out" / "shard-00000.parquet"
+    meta = pq.ParquetFile(shard).metadata
+    hidden = pq.read_schema(shard).field("embedding").type.list_size
+    for g in range(meta.num_row_groups):
+        chunk = meta.row_group(g).column(1)
+        assert chunk.path_in_schema.startswith("embedding.")
+        assert not chunk.has_dictionary_page and "PLAIN" in chunk.encodings, chunk.encodings
+        assert not {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & set(chunk.encodings), chunk.encodings
+    raw = len(expected) * hidden * 4
+    assert meta.num_rows == len(expected) and shard.stat().st_size < 1.15 * raw, shard.stat().st_size / raw
+
+
 # -- resume after SIGKILL -------------------------------------------------------------------------------
 
 
@@ -299,6 +323,103 @@ def test_bad_record_stops_with_one_line(tmp_path, engine_dir, case, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "manifest.json"]
 
 
+MISSING_COLUMN = {
+    "csv": ("c.csv", b"id,body\n1,first\n2,second\n", [], "no column 'text' in the header (id, body)"),
+    "jsonl": ("c.jsonl", b'{"id": "a", "body": "first"}\n{"text": "second"}\n', [],
+              "c.jsonl:1: no field 'text' in the first record (id, body)"),
+    "jsonl-id": ("c.jsonl", b'\n{"text": "first"}\n{"text": "second", "key": "b"}\n', ["--id-field", "key"],
+                 "c.jsonl:2: no field 'key' in the first record (text)"),
+    "parquet": ("c.parquet", None, [], "no column 'text' (columns: body)"),
+}
+
+
+@pytest.mark.parametrize("skip_bad", [False, True], ids=["stop", "skip-bad"])
+@pytest.mark.parametrize("case", sorted(MISSING_COLUMN))
+def test_missing_text_column_is_refused_before_anything_is_written(tmp_path, engine_dir, case, skip_bad, capsys):
+    """A CSV header, a JSONL file's first record or a Parquet schema without the text field (or
+    without a named --id-field) is refused up front, --skip-bad or not: one line, no DIR."""
+    name, data, flags, message = MISSING_COLUMN[case]
+    path = tmp_path / name
+    if data is None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"body": ["first", "second"]}), path)
+    else:
+        path.write_bytes(data)
+    out = tmp_path / "out"
+    code, err = run(engine_dir, path, "--out", out, *flags, *(["--skip-bad"] if skip_bad else []), capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and str(path) in lines[0], err
+    assert not out.exists()
+
+
+def test_skip_bad_never_completes_a_job_of_bad_records_only(tmp_path, engine_dir, capsys):
+    """--skip-bad over records that are all bad: listed in errors.jsonl, but the job ends with one
+    line and exit 2, never as complete."""
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "   "}\n{"text": 17}\n{"body": "no text"}\n{"text": ""}\n')
+    out = tmp_path / "out"
+    code, err = run(engine_dir, path, "--out", out, "--shard-size", 3, "--skip-bad", capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "all 4 records" in lines[0] and "errors.jsonl" in lines[0], err
+    assert Manifest.read(out).status == "running"
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [1, 2, 3, 4]
+    # A resume fails the same way; it does not turn the empty shards into a complete job.
+    code, err = run(engine_dir, path, "--out", out, "--shard-size", 3, "--skip-bad", "--resume", capsys=capsys)
+    assert code == 2 and "all 4 records" in err and Manifest.read(out).status == "running"
+
+
+def _rewrite_same_size(path: Path) -> None:
+    """Change the last passages' letters, keeping the size and the modification time."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 60, len(data)):
+        if 97 <= data[i] <= 122:  # a-z
+            data[i] = 97 + (data[i] - 97 + 1) % 26
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("change", ["appended", "rewritten"])
+def test_input_changed_during_the_job_is_not_complete(tmp_path, engine_dir, capsys, monkeypatch, change):
+    """An input appended to, or rewritten at the same size and time, once the first shard is
+    embedded: the job ends with one line naming the file and exit 2, not "complete"; --resume
+    refuses (the inputs differ from the recorded ones) and --force starts over."""
+    path = tmp_path / "corpus.txt"
+    expected = write_txt(path, 60, seed=7)
+    real_add, calls = ShardSink.add, []
+
+    def add(self, chunk):
+        real_add(self, chunk)
+        calls.append(len(chunk.ids))
+        if len(calls) == 1:  # the first chunk (shard 0) is in: change the file
+            if change == "appended":
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write("one more passage\n")
+            else:
+                _rewrite_same_size(path)
+
+    monkeypatch.setattr(ShardSink, "add", add)
+    out, args = tmp_path / "out", [engine_dir, path, "--shard-size", 20]
+    code, err = run(*args, "--out", out, capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert f"{path}: changed while the job ran" in lines[0] and "--force" in lines[0], err
+    assert Manifest.read(out).status == "running"
+    monkeypatch.setattr(ShardSink, "add", real_add)
+    code, err = run(*args, "--out", out, "--resume", capsys=capsys)
+    assert code == 2 and "cannot resume" in err and "inputs[0]" in err, err
+    code, err = run(*args, "--out", out, "--force", capsys=capsys)
+    assert code == 0, err
+    manifest = Manifest.read(out)
+    assert manifest.status == "complete"
+    assert manifest.summary["passages"] == len(expected) + (change == "appended")
+
+
 def test_bad_parquet_rows_and_skip_bad(tmp_path, engine_dir, engine, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -387,6 +508,52 @@ def test_existing_directory_is_refused_and_kept(tmp_path, engine_dir, corpus, ca
     assert code == 2 and "normalize: false -> true" in err and snapshot(job) == after
 
 
+def tree(path: Path) -> dict[str, tuple[bool, int, int]]:
+    """``path`` and everything under it: relative name -> (is a directory, size, mtime in ns)."""
+    out = {}
+    for p in [path, *sorted(path.rglob("*"))]:
+        st = p.lstat()
+        out[str(p.relative_to(path))] = (p.is_dir(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_a_refused_run_changes_nothing(tmp_path, engine_dir, corpus, capsys):
+    """Every refusal of an existing DIR leaves it as it was: names, sizes and modification times
+    of DIR and everything in it (no .lock file left behind either)."""
+    path, _ = corpus["txt"]
+    foreign = tmp_path / "foreign"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    (foreign / "sub" / "data.bin").write_bytes(b"1234")
+    job = tmp_path / "job"
+    assert run(engine_dir, path, "--out", job, "--shard-size", 250)[0] == 0
+    time.sleep(0.05)  # later changes get later times than the setup
+    cases = [
+        (foreign, [], "not empty"),
+        (foreign, ["--resume"], "nothing to resume"),
+        (job, [], "holds an earlier embedding job"),
+        (job, ["--resume", "--normalize"], "normalize: false -> true"),
+    ]
+    for out, flags, message in cases:
+        before = tree(out)
+        code, err = run(engine_dir, path, "--out", out, "--shard-size", 250, *flags, capsys=capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
+        assert tree(out) == before, (out, flags)
+    (foreign / "shard-00000.parquet").write_bytes(b"not ours")
+    before = tree(foreign)
+    code, err = run(engine_dir, path, "--out", foreign, "--force", capsys=capsys)
+    assert code == 2 and "not written by an engine.embed job" in err and tree(foreign) == before
+    # Another job holding the lock: refused, nothing touched.
+    before = tree(job)
+    fd = os.open(job / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, err = run(engine_dir, path, "--out", job, "--shard-size", 250, "--resume", capsys=capsys)
+    finally:
+        os.close(fd)
+    assert code == 2 and "another engine.embed job" in err and tree(job) == before
+
+
 def test_resume_refuses_changed_inputs(tmp_path, engine_dir, capsys):
     path = tmp_path / "small.txt"
     write_txt(path, 40)
@@ -414,6 +581,140 @@ def test_force_never_deletes_an_input_or_touches_the_engine(tmp_path, engine_dir
         code, err = run(engine_dir, path, "--out", target, "--force", capsys=capsys)
         assert code == 2 and "engine directory" in err
     assert snapshot(engine_dir) == engine_files and not (engine_dir / "sub").exists()
+
+
+# -- a full disk ----------------------------------------------------------------------------------------
+
+
+class FullDisk:
+    """Files on a disk with ``room`` bytes left: a write past it writes what fits, then fails with
+    ENOSPC (``message``, as the writing library words it), and so does a close that flushes
+    buffered bytes. :meth:`open` stands in for ``open``; ``room = 0`` fills the disk at once."""
+
+    def __init__(self, room: int, message: str = "No space left on device") -> None:
+        self.room, self.message = room, message
+
+    def open(self, path, mode="r", buffering=-1, encoding=None, **kwargs):
+        if not set(mode) & set("wax+"):
+            return open(path, mode, buffering, encoding, **kwargs)
+        buffered = io.BufferedWriter(_FullDiskFile(self, open(path, mode.replace("t", "").replace("b", "") + "b", 0)))
+        return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding=encoding, **kwargs)
+
+
+class _FullDiskFile(io.RawIOBase):
+    def __init__(self, disk: FullDisk, raw) -> None:
+        self.disk, self.raw = disk, raw
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.raw.seek(pos, whence)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def write(self, data) -> int:
+        if self.disk.room <= 0:
+            raise OSError(errno.ENOSPC, self.disk.message)
+        n = min(len(data), self.disk.room)
+        self.disk.room -= n
+        return self.raw.write(bytes(data[:n]))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.raw.close()
+
+
+def _full_disk_parquet_writer(disk: FullDisk):
+    """pyarrow's ParquetWriter writing through ``disk``."""
+    import pyarrow.parquet as pq
+
+    class Writer(pq.ParquetWriter):
+        def __init__(self, where, schema, **kwargs) -> None:
+            self._file = disk.open(where, "wb")
+            super().__init__(self._file, schema, **kwargs)
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self._file.close()
+
+    return Writer
+
+
+def test_npy_abort_removes_every_temporary_when_a_close_fails(tmp_path, monkeypatch):
+    """Aborting a shard when the disk is full: both closes fail (their buffered bytes do not fit),
+    both temporaries go, and the abort itself raises nothing over the error that caused it."""
+    disk = FullDisk(1 << 20)
+    monkeypatch.setattr(output, "open", disk.open, raising=False)
+    writer = NpyShardWriter(tmp_path, 0, 4, np.dtype(np.float32))
+    writer.write(["a", "b"], np.ones((2, 4), np.float32))
+    assert len(list(tmp_path.iterdir())) == 2
+    disk.room = 0
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+def test_full_disk_is_one_line_and_resume_finishes(tmp_path, engine_dir, engine, monkeypatch, capsys, fmt):
+    """The disk fills up in the last of four shards: one line naming DIR and the full disk, exit 2, no
+    temporary left, the complete shards kept; once there is room, --resume finishes the job."""
+    path = tmp_path / "corpus.txt"
+    expected = write_txt(path, 100, seed=9)
+    out = tmp_path / "out"
+    args = [engine_dir, path, "--out", out, "--shard-size", 25, "--format", fmt]
+    # Room for the manifests and three shards of 25 x 64 float32 rows (6.4 KB each), not four.
+    if fmt == "parquet":
+        disk = FullDisk(35_000, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        import pyarrow.parquet as pq
+
+        monkeypatch.setattr(pq, "ParquetWriter", _full_disk_parquet_writer(disk))
+    else:
+        disk = FullDisk(35_000)
+    monkeypatch.setattr(output, "open", disk.open, raising=False)
+    code, err = run(*args, capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert f"no space left on device writing {out}" in lines[0] and "--resume" in lines[0], err
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    manifest = Manifest.read(out)
+    done = [s["index"] for s in manifest.shards if s["complete"]]
+    assert manifest.status == "running" and 1 <= len(done) < 4, done
+    monkeypatch.undo()
+    code, err = run(*args, "--resume", capsys=capsys)
+    assert code == 0, err
+    texts = [t for _, t in expected]
+    manifest = check_output(out, expected, dict(zip(texts, engine.encode(texts, convert_to_numpy=True))))
+    assert manifest["summary"]["shards_kept"] == len(done)
+
+
+# -- progress and summary -------------------------------------------------------------------------------
+
+
+def test_summary_reports_loading_and_embedding_apart(tmp_path, engine_dir, corpus, capsys):
+    """The summary (manifest and printed line) gives the engine's load time and the embedding time
+    apart; tokens/s is over the embedding time; the progress bar shows the loading first."""
+    path, expected = corpus["jsonl"]
+    out = tmp_path / "out"
+    code = main([str(engine_dir), str(path), "--out", str(out), "--shard-size", "200"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    s = Manifest.read(out).summary
+    assert s["passages"] == len(expected) and s["tokens"] > 0
+    assert 0 < s["load_seconds"] and 0 < s["embed_seconds"] <= s["seconds"]
+    assert s["load_seconds"] + s["embed_seconds"] == pytest.approx(s["seconds"], abs=1e-6)
+    assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["embed_seconds"])
+    line = next(x for x in err.splitlines() if x.startswith("engine.embed: "))
+    assert f"{s['load_seconds']:.1f} s loading the engine" in line, line
+    assert f"{s['embed_seconds']:.1f} s embedding: {s['tokens_per_s']:,.0f} tokens/s" in line, line
+    assert "loading the engine" in err.split("embed:")[0], err[:500]
 
 
 # -- streaming and the exactly-once guard ---------------------------------------------------------------

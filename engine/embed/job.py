@@ -5,7 +5,8 @@ runs the pending shards through a runner -- :func:`engine.embed.local.run_local`
 or :func:`engine.embed.distributed.run_ray` on a pool of Ray actors -- and writes what comes back
 with a :class:`ShardSink`. Runners yield :class:`~engine.embed.embedder.Embedded` chunks in passage
 order; the sink checks that every record of every pending shard arrives exactly once, in order,
-before a shard is renamed into place and recorded in the manifest.
+before a shard is renamed into place and recorded in the manifest. The job is marked complete
+only if the inputs are still the ones scanned and at least one record was embedded.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,12 +24,14 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from converters.safety import disk_full_line, is_disk_full
+
 from ..choices import COMPUTE_DTYPES
 from ..format import ENGINE_CONFIG, EngineConfig, FormatError, model_config_hash, read_index, sha256_file
 from .embedder import Embedded
-from .output import Manifest, OutputError, append_errors, make_writer, prepare_output
+from .output import ERRORS, Manifest, OutputError, append_errors, make_writer, prepare_output
 from .options import FORMATS, OUTPUT_DTYPES, EmbedOptions
-from .readers import Corpus, Fields, InputError, scan_corpus
+from .readers import Corpus, Fields, InputError, check_unchanged, scan_corpus
 
 class EmbedError(ValueError):
     """A user-facing failure of an embedding job; ``str(err)`` is the one line the CLI prints."""
@@ -69,20 +73,34 @@ def embed_corpus(
             raise EmbedError(str(exc)) from None
         job = {"engine": identity, "inputs": [asdict(f) for f in corpus.files], "options": settings}
         ranges = [corpus.shard_range(k) for k in range(corpus.num_shards)]
-        try:
-            prepared = prepare_output(out, job, ranges, opts.format, resume=opts.resume, force=opts.force,
-                                      protected=[Path(f.resolved) for f in corpus.files], engine_dir=engine_dir)
-        except OutputError as exc:
-            raise EmbedError(str(exc)) from None
-        try:
-            return _run(opts, engine_dir, corpus, fields, settings, device, prepared, out, config, ray_session)
-        except InputError as exc:  # an input that became unreadable or shorter during the job
-            raise EmbedError(str(exc)) from None
-        finally:
-            prepared.lock.release()
+        with _disk_full_is_one_line(out):
+            try:
+                prepared = prepare_output(out, job, ranges, opts.format, resume=opts.resume, force=opts.force,
+                                          protected=[Path(f.resolved) for f in corpus.files], engine_dir=engine_dir)
+            except OutputError as exc:
+                raise EmbedError(str(exc)) from None
+            try:
+                return _run(opts, engine_dir, corpus, fields, settings, device, prepared, out, config, ray_session)
+            except InputError as exc:  # an input that became unreadable, shorter or different during the job
+                raise EmbedError(str(exc)) from None
+            finally:
+                prepared.lock.release()
     finally:
         if ray_session is not None:
             ray_session.close()
+
+
+@contextmanager
+def _disk_full_is_one_line(out: Path) -> Iterator[None]:
+    """A full disk while writing ``out`` (ENOSPC or EDQUOT, however the writing library words it)
+    becomes one line naming ``out``; by then the shard being written has been removed."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise EmbedError(f"{disk_full_line(out)}; the complete shards are kept: rerun with --resume once there "
+                         "is room") from None
 
 
 def _run(opts, engine_dir, corpus, fields, settings, device, prepared, out, config, ray_session) -> dict[str, Any]:
@@ -100,8 +118,10 @@ def _run(opts, engine_dir, corpus, fields, settings, device, prepared, out, conf
     todo = sum(corpus.shard_range(k)[1] - corpus.shard_range(k)[0] for k in pending)
     sink = ShardSink(out, corpus, manifest, pending, opts.format, config.model.hidden_size,
                      np.dtype(settings["output_dtype"]), opts.skip_bad)
-    bar = tqdm(total=todo, unit="passage", desc="embed", disable=opts.quiet, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=todo, unit="passage", desc="loading the engine", disable=opts.quiet, file=sys.stderr,
+               dynamic_ncols=True)
     start = time.perf_counter()
+    began = None  # when the first worker began embedding: the engine is loaded
     stream: Iterator[Embedded] | None = None
     try:
         if pending:
@@ -113,9 +133,13 @@ def _run(opts, engine_dir, corpus, fields, settings, device, prepared, out, conf
                 stream = run_local(engine_dir, corpus, fields, pending, load, embed, threads=opts.threads,
                                    prefetch=device.type == "cuda")
             for chunk in stream:
+                if began is None:  # the bar's clock starts with the embedding
+                    began = max(start, time.perf_counter() - chunk.seconds)
+                    bar.set_description("embed", refresh=False)
+                    bar.reset()
                 sink.add(chunk)
                 bar.update(len(chunk.ids))
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - began
                 bar.set_postfix_str(f"{sink.tokens / max(elapsed, 1e-9):,.0f} tokens/s", refresh=False)
         sink.close()
     except BaseException:
@@ -126,7 +150,11 @@ def _run(opts, engine_dir, corpus, fields, settings, device, prepared, out, conf
             stream.close()
         bar.close()
     seconds = time.perf_counter() - start
-    summary = sink.summary(seconds, kept=len(prepared.resumed))
+    check_unchanged(corpus)
+    if not any(shard.get("rows") for shard in manifest.shards):
+        raise EmbedError(f"all {corpus.records:,} records were bad (listed in {out / ERRORS}): nothing was "
+                         "embedded, so the job is not complete; check the inputs and --text-field / --id-field")
+    summary = sink.summary(seconds, 0.0 if began is None else began - start, kept=len(prepared.resumed))
     manifest.status = "complete"
     manifest.summary = summary
     manifest.save()
@@ -227,17 +255,23 @@ class ShardSink:
             writer, self.writer = self.writer, None
             writer.abort()
 
-    def summary(self, seconds: float, kept: int) -> dict[str, Any]:
+    def summary(self, seconds: float, load_seconds: float, kept: int) -> dict[str, Any]:
+        """The run's totals. ``seconds``: its wall time, of which ``load_seconds`` passed before the
+        first worker began embedding (loading the engine; with Ray also starting the pool) and
+        ``embed_seconds`` after; ``tokens_per_s`` is over ``embed_seconds``."""
         workers = {name: {**s, "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else 0.0}
                    for name, s in sorted(self.workers.items())}
+        embed_seconds = seconds - load_seconds
         return {"records": self.records, "passages": self.rows, "bad": self.bad_total, "tokens": int(self.tokens),
-                "seconds": seconds, "tokens_per_s": self.tokens / seconds if seconds else 0.0,
+                "seconds": seconds, "load_seconds": load_seconds, "embed_seconds": embed_seconds,
+                "tokens_per_s": self.tokens / embed_seconds if embed_seconds > 0 else 0.0,
                 "shards_written": self.pending, "shards_kept": kept, "workers": workers}
 
 
 def summary_lines(summary: dict[str, Any], out: Path) -> list[str]:
     lines = [f"engine.embed: {summary['passages']:,} passages ({summary['tokens']:,} tokens) in "
-             f"{summary['seconds']:.1f} s: {summary['tokens_per_s']:,.0f} tokens/s; "
+             f"{summary['seconds']:.1f} s: {summary['load_seconds']:.1f} s loading the engine, "
+             f"{summary['embed_seconds']:.1f} s embedding: {summary['tokens_per_s']:,.0f} tokens/s; "
              f"{summary['shards_written']} shards written, {summary['shards_kept']} kept from an earlier run"]
     if summary["bad"]:
         lines.append(f"engine.embed: {summary['bad']:,} bad records left out, listed in {out / 'errors.jsonl'}")

@@ -11,7 +11,7 @@ Layout of ``--out DIR``:
   size and sha256); ``status`` is ``"complete"`` only when every shard is.
 - ``errors.jsonl`` (``--skip-bad``): one object per record left out: passage index, shard, file,
   line (row for Parquet) and why.
-- ``.lock``: held (``flock``) while a job writes the directory.
+- ``.lock``: held (``flock``) while a job writes the directory; a refused job leaves none behind.
 
 Every file is written under a temporary name (``.NAME.tmp-*``) and renamed when complete; a shard
 counts as complete only once ``manifest.json`` records it (after the rename), so a job killed at any
@@ -114,7 +114,8 @@ class ShardWriter:
 
 class ParquetShardWriter(ShardWriter):
     """``id`` string, ``embedding`` fixed-size list; one row group per :meth:`write` (at most
-    4096 rows each); embeddings stored uncompressed (random floats do not compress)."""
+    4096 rows each); embeddings stored plain and uncompressed (random floats neither compress nor
+    repeat: pyarrow's default dictionary encoding stored them in about 1.5x their size)."""
 
     def __init__(self, directory: Path, k: int, hidden: int, dtype: np.dtype) -> None:
         super().__init__(directory, k, hidden, dtype)
@@ -127,7 +128,7 @@ class ParquetShardWriter(ShardWriter):
         (self.name,) = shard_names(k, "parquet")
         self.tmp = _temp_name(directory, self.name)
         self._writer = pq.ParquetWriter(self.tmp, self.schema, compression={"id": "zstd", "embedding": "none"},
-                                        write_statistics=["id"])
+                                        use_dictionary=False, write_statistics=["id"])
 
     def write(self, ids: list[str], embeddings: np.ndarray) -> None:
         pa = self._pa
@@ -145,10 +146,7 @@ class ParquetShardWriter(ShardWriter):
         return self._publish([(self.tmp, self.name)])
 
     def abort(self) -> None:
-        try:
-            self._writer.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        _discard(self._writer, self.tmp)
 
 
 class NpyShardWriter(ShardWriter):
@@ -178,11 +176,22 @@ class NpyShardWriter(ShardWriter):
         return self._publish([(self.ids_tmp, self.ids_name), (self.tmp, self.name)])
 
     def abort(self) -> None:
-        for f, tmp in ((self._ids, self.ids_tmp), (self._data, self.tmp)):
-            try:
-                f.close()
-            finally:
-                tmp.unlink(missing_ok=True)
+        try:
+            _discard(self._ids, self.ids_tmp)
+        finally:
+            _discard(self._data, self.tmp)
+
+
+def _discard(f: Any, tmp: Path) -> None:
+    """Close ``f`` and remove its temporary ``tmp``. A close that fails (on a full disk the buffered
+    bytes do not fit) does not matter for a file that is removed: the error that caused the abort
+    is the one to report."""
+    try:
+        f.close()
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, int]) -> bytes:
@@ -336,20 +345,37 @@ def keep_errors_of(directory: Path, shards: set[int]) -> None:
 
 class DirectoryLock:
     """An exclusive ``flock`` on ``DIR/.lock`` for the job's lifetime (released by the kernel if
-    the process dies, so a killed job never leaves the directory locked)."""
+    the process dies, so a killed job never leaves the directory locked). ``created``: this job
+    made the file; a refused job removes the file it made (:meth:`release` with ``remove``), so a
+    lock counts only while the file at ``DIR/.lock`` is still the one locked."""
 
     def __init__(self, directory: Path) -> None:
-        self.fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        self.path = directory / LOCK
+        busy = OutputError(f"{directory}: another engine.embed job is writing this directory")
+        try:
+            self.fd, self.created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                self.fd, self.created = os.open(self.path, os.O_RDWR), False
+            except FileNotFoundError:  # removed in between by a job that was refused
+                raise busy from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                raise BlockingIOError(errno.EAGAIN, "the lock file was replaced")
         except OSError as exc:
             os.close(self.fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"{directory}: another engine.embed job is writing this directory") from None
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.ENOENT):
+                raise busy from None
             raise
 
-    def release(self) -> None:
-        os.close(self.fd)
+    def release(self, remove: bool = False) -> None:
+        """Unlock; ``remove``: also delete the lock file if this job created it (still holding it)."""
+        try:
+            if remove and self.created:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
 
 
 @dataclass
@@ -360,6 +386,17 @@ class Prepared:
     pending: list[int]
     resumed: list[int]
     lock: DirectoryLock
+
+
+@dataclass
+class _Plan:
+    """What preparing the directory does: remove our stale files ``delete``, then save ``manifest``;
+    ``resumed`` (None for a new job) are the complete shards kept, whose errors.jsonl lines stay."""
+
+    manifest: Manifest
+    pending: list[int]
+    resumed: list[int] | None
+    delete: list[Path]
 
 
 def prepare_output(
@@ -373,6 +410,9 @@ def prepare_output(
     redone. ``force``: our own files (those the old manifest lists, our temporaries) are replaced,
     nothing else; a name we are about to write that is not ours is refused. ``protected`` (the
     inputs) and the engine directory are never deleted or overwritten: resolved paths are compared.
+
+    A refused job changes nothing: the checks run once before anything is written (not even the
+    lock file), then again under the lock (another job may have changed ``out`` in between).
     """
     out_resolved = out.resolve()
     engine_resolved = engine_dir.resolve()
@@ -380,35 +420,34 @@ def prepare_output(
         raise OutputError(f"{out}: is the engine directory or inside it; choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
+    guarded = {p.resolve() for p in protected}
     existed = out.exists()
+    if existed:
+        _plan(out, job, ranges, fmt, resume, force, guarded, verify=False)
     out.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(out)
     try:
-        manifest, pending, resumed = _prepare_locked(out, job, ranges, fmt, resume, force,
-                                                     {p.resolve() for p in protected})
+        plan = _plan(out, job, ranges, fmt, resume, force, guarded, verify=True)
+        _apply(out, plan)
     except BaseException:
-        lock.release()
-        if not existed:
-            _remove_if_only_lock(out)
+        lock.release(remove=True)
+        if not existed and not any(out.iterdir()):
+            out.rmdir()
         raise
-    return Prepared(manifest, pending, resumed, lock)
+    return Prepared(plan.manifest, plan.pending, plan.resumed or [], lock)
 
 
-def _remove_if_only_lock(out: Path) -> None:
-    """Undo the ``mkdir`` of a refused job: the directory goes if it holds only our lock file."""
-    if [p.name for p in out.iterdir()] == [LOCK]:
-        (out / LOCK).unlink()
-        out.rmdir()
-
-
-def _prepare_locked(
+def _plan(
     out: Path, job: dict[str, Any], ranges: list[tuple[int, int]], fmt: str, resume: bool, force: bool,
-    protected: set[Path],
-) -> tuple[Manifest, list[int], list[int]]:
+    protected: set[Path], verify: bool,
+) -> _Plan:
+    """What this job does to ``out``, or its refusal (:class:`OutputError`); reads only. ``verify``:
+    hash the complete shards of a resumed job (the pass under the lock; the first pass assumes them
+    intact)."""
     entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     has_manifest = (out / MANIFEST).exists()
     if resume and has_manifest:
-        return _resume(out, job, ranges, fmt, protected)
+        return _plan_resume(out, job, ranges, fmt, protected, verify)
     if entries and not force:
         if has_manifest:
             raise OutputError(f"{out}: holds an earlier embedding job; pass --resume to finish it or --force to "
@@ -427,14 +466,12 @@ def _prepare_locked(
         if (out / name).exists() or (out / name).is_symlink():
             raise OutputError(f"{out / name}: exists and was not written by an engine.embed job here; "
                               "not replacing it (move it, or choose another --out)")
-    _delete(out, sorted(ours), protected)
-    manifest.save()
-    return manifest, list(range(len(ranges))), []
+    return _Plan(manifest, list(range(len(ranges))), None, _deletable(out, sorted(ours), protected))
 
 
-def _resume(
-    out: Path, job: dict[str, Any], ranges: list[tuple[int, int]], fmt: str, protected: set[Path],
-) -> tuple[Manifest, list[int], list[int]]:
+def _plan_resume(
+    out: Path, job: dict[str, Any], ranges: list[tuple[int, int]], fmt: str, protected: set[Path], verify: bool,
+) -> _Plan:
     old = Manifest.read(out)
     diff = first_difference(old.job, job)
     if diff:
@@ -446,7 +483,7 @@ def _resume(
         raise OutputError(f"{out}/{MANIFEST}: its shard list does not match the inputs; pass --force to start over")
     kept = []
     for k, shard in enumerate(old.shards):
-        if shard.get("complete") and _shard_intact(out, shard):
+        if shard.get("complete") and (not verify or _shard_intact(out, shard)):
             kept.append(k)
         else:
             for key in ("rows", "bad", "files"):
@@ -457,11 +494,16 @@ def _resume(
     for k, shard in enumerate(old.shards):
         if k not in kept:
             stale += [n for n in shard["names"] if n in entries]
-    _delete(out, stale, protected)
-    keep_errors_of(out, set(kept))
     old.status = "running"
-    old.save()
-    return old, [k for k in range(len(ranges)) if k not in kept], kept
+    return _Plan(old, [k for k in range(len(ranges)) if k not in kept], kept, _deletable(out, stale, protected))
+
+
+def _apply(out: Path, plan: _Plan) -> None:
+    for path in plan.delete:
+        path.unlink(missing_ok=True)
+    if plan.resumed is not None:
+        keep_errors_of(out, set(plan.resumed))
+    plan.manifest.save()
 
 
 def _shard_intact(out: Path, shard: dict[str, Any]) -> bool:
@@ -478,9 +520,10 @@ def _shard_intact(out: Path, shard: dict[str, Any]) -> bool:
     return True
 
 
-def _delete(out: Path, names: list[str], protected: set[Path]) -> None:
-    """Remove our own files ``names`` from ``out``: every one checked first (a plain file or link
-    directly in ``out``, with one of our names, not resolving to a protected path), then removed."""
+def _deletable(out: Path, names: list[str], protected: set[Path]) -> list[Path]:
+    """The paths of our own files ``names`` in ``out``, each checked to be one we may remove (a
+    plain file or link directly in ``out``, with one of our names, not resolving to a protected
+    path); a refusal otherwise."""
     paths = []
     for name in names:
         if not (_SHARD_NAME.match(name) or _TEMP_NAME.match(name) or name in (MANIFEST, ERRORS)):
@@ -491,5 +534,4 @@ def _delete(out: Path, names: list[str], protected: set[Path]) -> None:
         if path.resolve() in protected:
             raise OutputError(f"{path}: is one of the inputs; not deleting or overwriting it")
         paths.append(path)
-    for path in paths:
-        path.unlink(missing_ok=True)
+    return paths

@@ -21,18 +21,25 @@ stays bounded by one record (one Parquet batch) whatever the size of the corpus.
 A record that cannot be used (malformed JSON or CSV, a missing or non-string field, an empty
 passage, bytes that are not UTF-8) comes out as a :class:`Record` with ``error`` set, never as an
 exception, so that the caller decides between stopping and ``--skip-bad``. Problems with a whole
-file (missing, unknown format, a Parquet or CSV file without the text column) raise
-:class:`InputError`.
+file (missing, unknown format, a CSV header, the first JSONL record or a Parquet schema without
+the text field, or without an id field the user named) raise :class:`InputError`.
+
+The scan also records each file's size, modification time and sha256 (of the bytes it read, as
+it reads them; Parquet files are hashed whole): :func:`check_unchanged` compares them at the end
+of a job, so that a file changed while it was read never ends in "complete" output.
 """
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from ..format import sha256_file
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _BOM = b"\xef\xbb\xbf"
@@ -59,14 +66,16 @@ class Fields:
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file. ``path`` is as given (or as the glob listed it); ``id_mode`` is ``"field"``
-    (ids from the id field) or ``"line"`` (ids are line numbers, Parquet: row numbers)."""
+    """One input file. ``path`` is as given (or as the glob listed it); ``size``, ``mtime_ns`` and
+    ``sha256`` are the file as the scan read it; ``id_mode`` is ``"field"`` (ids from the id field)
+    or ``"line"`` (ids are line numbers, Parquet: row numbers)."""
 
     path: str
     resolved: str
     format: str
     size: int
     mtime_ns: int
+    sha256: str
     records: int
     id_mode: str
 
@@ -182,43 +191,57 @@ def scan_corpus(inputs: Sequence[str | os.PathLike], shard_size: int, fields: Fi
                 rows, id_mode = _parquet_info(given, resolved, fields)
                 for row in range((-total) % shard_size, rows, shard_size):
                     starts.append(ShardStart(fi, row, row + 1))
-                count = rows
+                count, sha256 = rows, sha256_file(resolved)
             else:
-                id_mode = _line_id_mode(given, resolved, fmt, fields)
-                count = 0
-                for offset, line, _ in _line_records(resolved, fmt, 0, 1):
+                id_mode = _line_fields(given, resolved, fmt, fields)
+                count, digest = 0, hashlib.sha256()
+                for offset, line, _ in _line_records(resolved, fmt, 0, 1, digest):
                     if (total + count) % shard_size == 0:
                         starts.append(ShardStart(fi, offset, line))
                     count += 1
+                sha256 = digest.hexdigest()
         except OSError as exc:
             raise InputError(f"{given}: unreadable ({exc.strerror or exc})") from None
-        files.append(InputFile(given, str(resolved), fmt, stat.st_size, stat.st_mtime_ns, count, id_mode))
+        files.append(InputFile(given, str(resolved), fmt, stat.st_size, stat.st_mtime_ns, sha256, count, id_mode))
         total += count
     if total == 0:
         raise InputError("the inputs hold no passages")
     return Corpus(tuple(files), total, shard_size, tuple(starts))
 
 
-def _line_id_mode(given: str, path: Path, fmt: str, fields: Fields) -> str:
+def _line_fields(given: str, path: Path, fmt: str, fields: Fields) -> str:
     """Ids from the id field or from line numbers: the header (CSV) or the first record (JSONL)
-    decides, unless the user named the id field (then it is required)."""
+    decides, unless the user named the id field (then it is required). The text field, and a named
+    id field, must be in the header or the first record: a file without them is refused here,
+    before anything is written (a first record that is not a JSON object is a bad record)."""
     if fmt == "txt":
         return "line"
-    if fields.id_explicit:
-        if fmt == "csv":
-            header = _csv_header(given, path)
-            if fields.id not in header:
-                raise InputError(f"{given}: no column {fields.id!r} in the header ({', '.join(header)})")
-        return "field"
+    required = (fields.text, fields.id) if fields.id_explicit else (fields.text,)
     if fmt == "csv":
-        return "field" if fields.id in _csv_header(given, path) else "line"
-    for _, _, raw in _line_records(path, fmt, 0, 1):
+        names = _csv_header(given, path)
+        missing = next((n for n in required if n not in names), None)
+        if missing is not None:
+            raise InputError(f"{given}: no column {missing!r} in the header ({', '.join(names)})")
+    else:
+        first = _first_object(path)
+        if first is None:
+            return "field" if fields.id_explicit else "line"
+        line, names = first
+        missing = next((n for n in required if n not in names), None)
+        if missing is not None:
+            raise InputError(f"{given}:{line}: no field {missing!r} in the first record ({', '.join(names)})")
+    return "field" if fields.id in names else "line"
+
+
+def _first_object(path: Path) -> tuple[int, list[str]] | None:
+    """The line and keys of a JSON lines file's first record, if it is a JSON object."""
+    for _, line, raw in _line_records(path, "jsonl", 0, 1):
         try:
             first = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            return "line"
-        return "field" if isinstance(first, dict) and fields.id in first else "line"
-    return "line"
+            return None
+        return (line, list(first)) if isinstance(first, dict) else None
+    return None
 
 
 def _csv_header(given: str, path: Path) -> list[str]:
@@ -256,6 +279,28 @@ def _parquet_info(given: str, path: Path, fields: Fields) -> tuple[int, str]:
     else:
         id_mode = "line"
     return meta.metadata.num_rows, id_mode
+
+
+def check_unchanged(corpus: Corpus) -> None:
+    """Raise :class:`InputError` naming the first input whose size, modification time or sha256
+    differs from the scan's: records read from it may mix old and new text. Stats every file
+    first, then hashes them (reads every byte)."""
+    def changed(f: InputFile, why: str) -> InputError:
+        return InputError(f"{f.path}: changed while the job ran ({why}); the shards may mix old and new text, so "
+                          "the job is not complete: rerun with --force once the inputs stay as they are")
+
+    try:
+        for f in corpus.files:
+            stat = os.stat(f.resolved)
+            if stat.st_size != f.size:
+                raise changed(f, f"{f.size:,} bytes, now {stat.st_size:,}")
+            if stat.st_mtime_ns != f.mtime_ns:
+                raise changed(f, "its modification time changed")
+        for f in corpus.files:
+            if sha256_file(Path(f.resolved)) != f.sha256:
+                raise changed(f, "rewritten at the same size and modification time")
+    except OSError as exc:
+        raise changed(f, f"unreadable now: {exc.strerror or exc}") from None
 
 
 def _pyarrow_parquet():
@@ -423,14 +468,17 @@ def _json_kind(value: Any) -> str:
 # -- record boundaries of the line formats ------------------------------------------------------------------
 
 
-def _line_records(path: Path, fmt: str, offset: int, line: int) -> Iterator[tuple[int, int, Any]]:
+def _line_records(
+    path: Path, fmt: str, offset: int, line: int, digest: Any = None,
+) -> Iterator[tuple[int, int, Any]]:
     """``(byte offset, line number, payload)`` of each record from byte ``offset``, where line
     ``line`` (1-based) starts. Payloads: the line's bytes without its end (txt, jsonl; blank lines
     skipped), or a CSV row's fields (a string saying why for a malformed row; from offset 0 the
-    header row is skipped). A UTF-8 byte-order mark at the start of a file is dropped."""
+    header row is skipped). A UTF-8 byte-order mark at the start of a file is dropped. ``digest``
+    (a hashlib object) is updated with every byte read, blank lines included."""
     with open(path, "rb") as f:
         if fmt == "csv":
-            rows = _csv_rows(f, offset, line)
+            rows = _csv_rows(f, offset, line, digest)
             if offset == 0:
                 next(rows, None)  # the header
             yield from rows
@@ -438,6 +486,8 @@ def _line_records(path: Path, fmt: str, offset: int, line: int) -> Iterator[tupl
         f.seek(offset)
         n, pos = line - 1, offset
         for raw in f:
+            if digest is not None:
+                digest.update(raw)
             start = pos
             pos += len(raw)
             n += 1
@@ -451,7 +501,7 @@ def _line_records(path: Path, fmt: str, offset: int, line: int) -> Iterator[tupl
                 yield start, n, raw
 
 
-def _csv_rows(f, offset: int, line: int) -> Iterator[tuple[int, int, list[str] | str]]:
+def _csv_rows(f, offset: int, line: int, digest: Any = None) -> Iterator[tuple[int, int, list[str] | str]]:
     """Non-blank CSV rows from byte ``offset`` (where line ``line`` starts) with each row's byte
     offset and first line. The csv module pulls one physical line at a time and never reads ahead,
     so the bytes handed to it so far end exactly where the current row ends: that gives the offsets.
@@ -462,6 +512,8 @@ def _csv_rows(f, offset: int, line: int) -> Iterator[tuple[int, int, list[str] |
 
     def lines() -> Iterator[str]:
         for raw in f:
+            if digest is not None:
+                digest.update(raw)
             at_start = state[0] == 0
             state[0] += len(raw)
             state[1] += 1
