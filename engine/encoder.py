@@ -263,10 +263,17 @@ class Engine:
         return out.numpy() if convert_to_numpy else out
 
     def warmup(self, max_batch_tokens: int = 16384) -> list[int]:
-        """Run one forward per sequence-length bucket this engine can see (powers of two up to
-        ``max_length``), so that every Triton compilation and autotune happens now, not at the first
-        request, and, with ``cuda_graphs``, capture the graph of every bucket shape. Returns the lengths run."""
-        lengths = sorted({min(self.max_length, 1 << p) for p in range(4, max(5, self.max_length.bit_length() + 1))})
+        """Make the first request as fast as the next ones; returns the lengths of the forwards run.
+
+        With Triton kernels: one forward per sequence-length bucket this engine can see (powers of two
+        up to ``max_length``; the attention autotuner keys on them), so that every compilation and
+        autotune happens now, and, with ``cuda_graphs``, the graph of every bucket shape is captured.
+        Otherwise (the CPU and reference backends compile nothing) one short forward, which touches the
+        weights and the allocator: sweeping to a 32k max length on a CPU would take many minutes."""
+        if self.model.ops.name == "triton":
+            lengths = sorted({min(self.max_length, 1 << p) for p in range(4, max(5, self.max_length.bit_length() + 1))})
+        else:
+            lengths = [min(self.max_length, 16)]
         if self._buckets is not None:
             self._buckets.capture_all(self.max_length)  # largest first, so the graphs share memory best
         vocab = self.config.model.vocab_size

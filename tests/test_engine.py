@@ -144,3 +144,17 @@ def test_an_unpaired_surrogate_names_its_input(engine):
         engine.encode(["fine", "broken \ud800 text"])
     with pytest.raises(ValueError, match="input 0: not valid Unicode text"):
         engine.encode([("instruction \udfff", "text")])
+
+
+def test_warmup_without_triton_runs_one_short_forward(engine_dir, monkeypatch):
+    """The CPU backend compiles nothing: its warm-up is one short forward, however long max_length is
+    (a sweep of powers of two up to 32k tokens took minutes on a CPU); the reference backend alike."""
+    for backend in ("cpu", "reference"):
+        engine = Engine.from_pretrained(engine_dir, backend=backend, max_length=4096,
+                                        allow_beyond_max_positions=True)
+        seen = []
+        real = engine.embed_tokenized
+        monkeypatch.setattr(engine, "embed_tokenized", lambda items: seen.append([t.num_tokens for t in items])
+                            or real(items))
+        assert engine.warmup() == [16]
+        assert len(seen) == 1 and max(seen[0]) <= 16, seen  # one forward, of short inputs

@@ -13,8 +13,14 @@ The request path, and where each part runs:
    nothing on the event loop calls into torch, whose ops release the GIL and would make the loop
    wait for the worker thread to hand it back.
 
+Admission comes before work: the number of inputs, the characters of each and of the request are
+checked on the parsed body (``protocol.InputLimits``), and tokenisation runs in chunks that stop as
+soon as the request holds more tokens than the queue could ever admit, so a refused request costs the
+tokenizer thread (and every client waiting behind it) little time and memory.
+
 While a request waits for its forwards its connection is watched: a client that disconnects has its
-queued inputs dropped. Every error is answered in OpenAI's shape (``protocol.APIError``).
+queued inputs dropped, and one that disconnects while sending its body is counted as 499 too. Every
+error is answered in OpenAI's shape (``protocol.APIError``).
 """
 from __future__ import annotations
 
@@ -26,12 +32,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..encoder import Engine, plan_batches
 from ..inputs import InputTooLong, TokenizedExample
@@ -43,17 +50,27 @@ from .scheduler import NotAccepting, QueueFull, Scheduler, TooLarge
 log = logging.getLogger("engine.serve")
 JSON = "application/json"
 INLINE_SERIALIZE_FLOATS = 1 << 16  # larger responses are serialised in the thread pool
+# Tokenisation runs over at most this many inputs or characters at a time (one input may be longer),
+# so that a request holding more tokens than the queue admits is refused after one chunk too many.
+TOKENIZE_CHUNK_INPUTS = 256
+TOKENIZE_CHUNK_CHARS = 1 << 16
+INPUT_CHARS_PER_TOKEN = 32  # the default --max-input-chars per token of the input length
+REQUEST_CHARS_PER_TOKEN = 16  # the default --max-request-chars per queueable token
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What the command line decides. ``max_request_bytes`` bounds a request body."""
+    """What the command line decides. ``max_request_bytes`` bounds a request body; a character
+    limit left ``None`` is derived (:func:`input_limits`)."""
 
     served_model_name: str
     max_batch_tokens: int = 16384
     max_batch_size: int = 256
     max_queue_tokens: int = 262144
     max_request_bytes: int = 8 << 20
+    max_client_batch_size: int = 2048
+    max_input_chars: int | None = None
+    max_request_chars: int | None = None
     api_key: str | None = None
 
 
@@ -75,6 +92,19 @@ def request_bytes_limit(max_queue_tokens: int) -> int:
     return max(1 << 20, 32 * max_queue_tokens)
 
 
+def input_limits(settings: Settings, max_input_length: int) -> protocol.InputLimits:
+    """The request limits in force. Characters per input default to 32 per token the model reads:
+    English averages about 4 characters per token, so only a text many times longer than what
+    truncation keeps is refused. Characters per request default to 16 per queueable token, about four
+    times what the queue holds at 4 characters per token (room for inputs that truncation shortens)."""
+    chars, total = settings.max_input_chars, settings.max_request_chars
+    return protocol.InputLimits(
+        max_inputs=settings.max_client_batch_size,
+        max_input_chars=INPUT_CHARS_PER_TOKEN * max_input_length if chars is None else chars,
+        max_request_chars=REQUEST_CHARS_PER_TOKEN * settings.max_queue_tokens if total is None else total,
+    )
+
+
 class EmbeddingService:
     """The state behind the routes: the engine, its scheduler, metrics and the tokenizer thread."""
 
@@ -93,6 +123,7 @@ class EmbeddingService:
         self.draining = False
         self.started_at = int(time.time())
         self._key_digest = _digest(settings.api_key) if settings.api_key is not None else None
+        self.limits = input_limits(settings, engine.max_length)
 
     # -- checks on the event loop --------------------------------------------------------------------
 
@@ -141,7 +172,7 @@ class EmbeddingService:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {name!r}",
                            param="model", code="model_not_found")
         self._check_dimensions(req.dimensions)
-        inputs = protocol.engine_inputs(req.input, "input", req.instruction)
+        inputs = protocol.engine_inputs(req.input, "input", req.instruction, self.limits, self._prompt(None))
         return self._tokenize(t0, inputs, "input", truncate=True, prompt_name=None, dimensions=req.dimensions,
                               normalize=True, encoding_format=req.encoding_format)
 
@@ -153,7 +184,8 @@ class EmbeddingService:
             known = ", ".join(sorted(self.engine.prompts)) or "none are stored"
             raise APIError(422, f"prompt_name: unknown prompt {req.prompt_name!r} ({known})", param="prompt_name",
                            code="invalid_value")
-        inputs = protocol.engine_inputs(req.inputs, "inputs", req.instruction)
+        inputs = protocol.engine_inputs(req.inputs, "inputs", req.instruction, self.limits,
+                                        self._prompt(req.prompt_name))
         return self._tokenize(t0, inputs, "inputs", truncate=req.truncate, prompt_name=req.prompt_name,
                               dimensions=req.dimensions, normalize=req.normalize, encoding_format=None)
 
@@ -162,20 +194,35 @@ class EmbeddingService:
             raise APIError(422, f"dimensions: {dimensions} exceeds the model's {self.engine.hidden_size} dimensions",
                            param="dimensions", code="invalid_value")
 
+    def _prompt(self, prompt_name: str | None) -> str:
+        """What the engine prepends to every text for ``prompt_name`` (a known name or None)."""
+        return self.engine.resolve_prompt(None, prompt_name) or ""
+
     def _tokenize(self, t0: float, inputs: protocol.EngineInputs, field: str, *, truncate: bool,
                   prompt_name: str | None, dimensions: int | None, normalize: bool,
                   encoding_format: str | None) -> Prepared:
+        """Tokenise chunk by chunk; 413 as soon as the tokens so far exceed what the queue admits
+        (the scheduler's own limit), before the rest of the request is tokenised."""
         t1 = time.perf_counter()
-        try:
-            items = self.engine.tokenize(inputs.items, prompt_name=prompt_name, truncate=truncate, allow_token_ids=True)
-        except InputTooLong as exc:
-            raise protocol.too_long_error(exc.index, exc.n_tokens, exc.limit, field, inputs.single) from None
-        except (TypeError, ValueError) as exc:
-            raise protocol.input_error(exc, field, inputs.single) from None
+        limit = self.scheduler.max_queue_tokens
+        items: list[TokenizedExample] = []
+        n_tokens = 0
+        for start, stop in _chunks(inputs.sizes):
+            try:
+                part = self.engine.tokenize(inputs.items[start:stop], prompt_name=prompt_name, truncate=truncate,
+                                            allow_token_ids=True)
+            except InputTooLong as exc:
+                raise protocol.too_long_error(start + exc.index, exc.n_tokens, exc.limit, field, inputs.single) from None
+            except (TypeError, ValueError) as exc:
+                raise protocol.input_error(exc, field, inputs.single, offset=start) from None
+            items.extend(part)
+            n_tokens += sum(t.num_tokens for t in part)
+            if n_tokens > limit:
+                raise protocol.too_many_tokens_error(field, n_tokens, stop, len(inputs.items), limit)
         t2 = time.perf_counter()
         self.metrics.stage["parse"].observe(t1 - t0)
         self.metrics.stage["tokenize"].observe(t2 - t1)
-        return Prepared(items, inputs.single, dimensions, normalize, encoding_format, sum(t.num_tokens for t in items))
+        return Prepared(items, inputs.single, dimensions, normalize, encoding_format, n_tokens)
 
     # -- the request path ----------------------------------------------------------------------------
 
@@ -268,7 +315,10 @@ class EmbeddingService:
             "version": _version(),
             "ready": self.scheduler.accepting,
             "limits": {"max_batch_tokens": s.max_batch_tokens, "max_batch_size": s.max_batch_size,
-                       "max_queue_tokens": s.max_queue_tokens, "max_request_bytes": s.max_request_bytes},
+                       "max_queue_tokens": s.max_queue_tokens, "max_request_bytes": s.max_request_bytes,
+                       "max_client_batch_size": self.limits.max_inputs,
+                       "max_input_chars": self.limits.max_input_chars,
+                       "max_request_chars": self.limits.max_request_chars},
         }
 
 
@@ -315,6 +365,10 @@ def create_app(engine: Engine, settings: Settings, *, warmup: bool = True) -> Fa
         service.check_accepting()
         return Response(protocol.json_body({"status": "ok"}), media_type=JSON)
 
+    # Probes often send HEAD; a second route, because one route with two methods duplicates its
+    # OpenAPI operation id.
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -322,6 +376,13 @@ def create_app(engine: Engine, settings: Settings, *, warmup: bool = True) -> Fa
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
         return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=JSON)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client closed the connection while sending its body: nobody reads an answer, and it is
+        # no server error. Counted as 499 (nginx's "client closed request"), as a disconnect later on.
+        log.debug("client disconnected while sending %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -369,6 +430,18 @@ class RequestMetrics:
             await self.app(scope, receive, send_status)
         finally:
             self.metrics.request(scope["path"], status, time.perf_counter() - start)
+
+
+def _chunks(sizes: list[int]) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` slices of consecutive inputs, each at most ``TOKENIZE_CHUNK_INPUTS`` inputs
+    and ``TOKENIZE_CHUNK_CHARS`` characters, or one input."""
+    start, chars = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start == TOKENIZE_CHUNK_INPUTS or chars + size > TOKENIZE_CHUNK_CHARS):
+            yield start, i
+            start, chars = i, 0
+        chars += size
+    yield start, len(sizes)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

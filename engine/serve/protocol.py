@@ -7,6 +7,10 @@ Two request shapes share one input grammar:
   ``instruction`` field and ``dimensions`` on every model).
 - ``POST /embed`` (text-embeddings-inference): the same grammar under ``inputs``.
 
+What a request may hold (:class:`InputLimits`: inputs, characters per input, characters in all) is
+checked while the input grammar is read, before anything is tokenised: tokenising first is what a
+request of a million one-character inputs would cost every other client.
+
 Every error is an :class:`APIError` rendered in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``; ``param`` names the field, and for one input its
 index (``input[3]``). Bodies are serialised with orjson: float32 rows go out in their shortest
@@ -15,6 +19,7 @@ round-trip form without a detour through Python floats.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,7 +49,10 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
     error = {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
-    return orjson.dumps({"error": error})
+    try:
+        return orjson.dumps({"error": error})
+    except TypeError:  # a lone surrogate from the body (an unknown field's name, say): orjson refuses it
+        return json.dumps({"error": error}).encode("ascii")
 
 
 class _Request(BaseModel):
@@ -76,64 +84,137 @@ class EmbedRequest(_Request):
     prompt_name: str | None = None
 
 
+# A \uD800-\uDFFF escape: JSON allows a lone one, pydantic's parser (and orjson) refuse it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_request(model: type[_Request], body: bytes) -> Any:
-    """Validate a JSON body: 400 when it is not JSON, 422 naming the first bad field otherwise."""
+    """Validate a JSON body: 400 when it is not JSON, 422 naming the first bad field otherwise.
+
+    pydantic's parser refuses an escaped lone surrogate (``"\\ud800"``), which is valid JSON: such a
+    body is parsed again by the standard library, so that the engine's rule for text that is not
+    Unicode answers 422 naming the input. Only bodies that failed to parse take that slower path."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        if err["type"] == "json_invalid":
-            raise APIError(400, f"the body is not valid JSON ({err['msg']})", code="invalid_json") from None
-        if err["type"] in ("model_type", "model_attributes_type") or not err["loc"]:
-            raise APIError(422, "the body must be a JSON object", code="invalid_type") from None
-        field = ".".join(str(p) for p in err["loc"])
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        raise APIError(422, f"{field}: {message}", param=field, code="invalid_value") from None
+        if err["type"] != "json_invalid":
+            raise _validation_error(err) from None
+        value = _json_with_surrogates(body, err["msg"])
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise _validation_error(exc.errors(include_url=False)[0]) from None
+
+
+def _json_with_surrogates(body: bytes, message: str) -> Any:
+    """``body`` parsed by the standard library if it escapes a surrogate, else the 400 for ``message``."""
+    if _SURROGATE_ESCAPE.search(body) is not None:
+        try:
+            return json.loads(body, parse_constant=_not_json)
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            pass
+    raise APIError(400, f"the body is not valid JSON ({message})", code="invalid_json")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _validation_error(err: Any) -> APIError:
+    """pydantic's first error as a 422 naming the field."""
+    if err["type"] == "string_unicode" and not err["loc"]:  # a field name with a lone surrogate
+        return APIError(422, "a field name is not valid Unicode text (an unpaired surrogate)", code="invalid_value")
+    if err["type"] in ("model_type", "model_attributes_type") or not err["loc"]:
+        return APIError(422, "the body must be a JSON object", code="invalid_type")
+    field = ".".join(str(p) for p in err["loc"])
+    message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    return APIError(422, f"{field}: {message}", param=field, code="invalid_value")
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one request may hold, checked while its inputs are read, before any is tokenised. Each
+    refusal (413) names the option that sets the limit."""
+
+    max_inputs: int  # --max-client-batch-size
+    max_input_chars: int  # --max-input-chars: a text with its instruction and prompt; a token id counts one
+    max_request_chars: int  # --max-request-chars: every input of the request, counted alike
 
 
 @dataclass(frozen=True)
 class EngineInputs:
-    """API inputs as ``Engine.tokenize`` takes them, and whether the request held a single input."""
+    """API inputs as ``Engine.tokenize`` takes them, the size of each (characters with its
+    instruction and prompt, or token ids), and whether the request held a single input."""
 
     items: list[str | tuple[str, str] | list[int]]
+    sizes: list[int]
     single: bool
 
 
-def engine_inputs(value: Any, field: str, instruction: str | None) -> EngineInputs:
+def engine_inputs(value: Any, field: str, instruction: str | None, limits: InputLimits, prompt: str = "") -> EngineInputs:
     """Read the input grammar: ``str`` | ``[int, ...]`` | ``[str | [int, ...] | [str, str], ...]``.
 
     ``instruction`` turns every text into an ``(instruction, text)`` pair; it cannot be combined with
-    pairs or token ids (one prefix per input, and token ids are read as they are).
+    pairs or token ids (one prefix per input, and token ids are read as they are). ``prompt`` is what
+    the engine will prepend to every text. The number of inputs is checked before any is looked at,
+    each input's size and the running total as they are read (:class:`InputLimits`).
     """
+    prefix = len(prompt) + (0 if instruction is None else len(instruction))
     if isinstance(value, str):
-        return EngineInputs([_text(value, instruction)], True)
+        size = _add_size(len(value) + prefix, 0, field, field, limits)
+        return EngineInputs([_text(value, instruction)], [size], True)
     if isinstance(value, list) and value and all(_is_id(t) for t in value):
         if instruction is not None:
             raise APIError(422, f"{field}: instruction cannot apply to token ids", param=field, code="invalid_value")
-        return EngineInputs([value], True)
+        return EngineInputs([value], [_add_size(len(value), 0, field, field, limits)], True)
     if not isinstance(value, list):
         raise APIError(422, f"{field}: expected a string or a list, got {_json_type(value)}", param=field,
                        code="invalid_type")
     if not value:
         raise APIError(422, f"{field}: must not be empty", param=field, code="invalid_value")
+    if len(value) > limits.max_inputs:
+        raise APIError(413, f"{field}: {len(value)} inputs exceed the limit of {limits.max_inputs} per request "
+                            "(--max-client-batch-size); split them into smaller requests", param=field,
+                       code="too_many_inputs")
     items: list[str | tuple[str, str] | list[int]] = []
+    sizes: list[int] = []
+    total = 0
     for i, item in enumerate(value):
         where = f"{field}[{i}]"
         if isinstance(item, str):
             items.append(_text(item, instruction))
+            sizes.append(len(item) + prefix)
         elif isinstance(item, list) and item and all(_is_id(t) for t in item):
             if instruction is not None:
                 raise APIError(422, f"{where}: instruction cannot apply to token ids", param=where, code="invalid_value")
             items.append(item)
+            sizes.append(len(item))
         elif isinstance(item, list) and len(item) == 2 and all(isinstance(s, str) for s in item):
             if instruction is not None:
                 raise APIError(422, f"{where}: give an [instruction, text] pair or the instruction field, not both",
                                param=where, code="invalid_value")
             items.append((item[0], item[1]))
+            sizes.append(len(item[0]) + len(item[1]) + len(prompt))
         else:
             raise APIError(422, f"{where}: expected a string, a list of token ids or an [instruction, text] pair, "
                                 f"got {_describe(item)}", param=where, code="invalid_type")
-    return EngineInputs(items, False)
+        total = _add_size(sizes[-1], total, where, field, limits)
+    return EngineInputs(items, sizes, False)
+
+
+def _add_size(size: int, total: int, where: str, field: str, limits: InputLimits) -> int:
+    """The request's running size with one more input of ``size``; 413 naming the limit it exceeds."""
+    if size > limits.max_input_chars:
+        raise APIError(413, f"{where}: {size} characters exceed the limit of {limits.max_input_chars} per input "
+                            "(--max-input-chars; an instruction or prompt counts, a token id counts as one)",
+                       param=where, code="input_too_long")
+    total += size
+    if total > limits.max_request_chars:
+        raise APIError(413, f"{field}: the request holds more than {limits.max_request_chars} characters, the limit "
+                            "per request (--max-request-chars); split it into smaller requests", param=field,
+                       code="request_too_large")
+    return total
 
 
 def _text(text: str, instruction: str | None) -> str | tuple[str, str]:
@@ -158,12 +239,13 @@ def _describe(item: Any) -> str:
 _ENGINE_INDEX = re.compile(r"^input (\d+): (.*)$", re.DOTALL)
 
 
-def input_error(exc: Exception, field: str, single: bool) -> APIError:
-    """An ``Engine.tokenize`` error (``input {i}: ...``) as a 422 naming ``field[i]``."""
+def input_error(exc: Exception, field: str, single: bool, offset: int = 0) -> APIError:
+    """An ``Engine.tokenize`` error (``input {i}: ...``) for inputs from ``offset`` on, as a 422
+    naming ``field[offset + i]``."""
     match = _ENGINE_INDEX.match(str(exc))
     if match is None:
         return APIError(422, f"{field}: {exc}", param=field, code="invalid_value")
-    where = field if single else f"{field}[{match[1]}]"
+    where = field if single else f"{field}[{offset + int(match[1])}]"
     return APIError(422, f"{where}: {match[2]}", param=where, code="invalid_value")
 
 
@@ -171,6 +253,13 @@ def too_long_error(index: int, n_tokens: int, limit: int, field: str, single: bo
     where = field if single else f"{field}[{index}]"
     return APIError(413, f"{where}: {n_tokens} tokens exceed the maximum input length of {limit} "
                          "(send truncate: true to truncate it)", param=where, code="input_too_long")
+
+
+def too_many_tokens_error(field: str, n_tokens: int, n_read: int, n_inputs: int, limit: int) -> APIError:
+    """The request's first ``n_read`` inputs already hold ``n_tokens``, more than the queue admits."""
+    return APIError(413, f"{field}: the request holds more than {limit} tokens, the most the queue admits "
+                         f"(--max-queue-tokens): {n_tokens} in its first {n_read} of {n_inputs} inputs; "
+                         "split it into smaller requests", param=field, code="request_too_large")
 
 
 def openai_body(rows: np.ndarray, model: str, n_tokens: int, encoding_format: str) -> bytes:

@@ -135,6 +135,7 @@ class Scheduler:
         self.ready = threading.Event()
         self.failed: BaseException | None = None  # set when warm-up failed: the worker never started
         self.on_failure: Callable[[BaseException], None] | None = None
+        self.on_ready: Callable[[float], None] | None = None  # gets the warm-up's seconds
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -220,11 +221,10 @@ class Scheduler:
     # -- the worker ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        t = time.perf_counter()
         if self._warmup is not None:
             try:
-                t = time.perf_counter()
                 self._warmup()
-                log.info("warm-up done in %.1f s; ready", time.perf_counter() - t)
             except BaseException as exc:  # a broken device or kernel: the server cannot serve
                 log.exception("warm-up failed")
                 self.failed = exc
@@ -232,6 +232,8 @@ class Scheduler:
                     self.on_failure(exc)
                 return
         self.ready.set()
+        if self.on_ready is not None:
+            self.on_ready(time.perf_counter() - t)
         while True:
             batch = self._next_batch()
             if batch is None:

@@ -303,8 +303,10 @@ def test_warmup_runs_before_ready_and_a_failure_is_reported():
                       warmup=lambda: order.append("warmup"))
     with pytest.raises(NotAccepting):
         sched.submit(items(1), Waiter())
+    ready = threading.Event()
+    sched.on_ready = lambda seconds: (order.append("ready"), ready.set())
     sched.start()
-    assert sched.ready.wait(TIMEOUT) and order == ["warmup"]
+    assert sched.ready.wait(TIMEOUT) and ready.wait(TIMEOUT) and order == ["warmup", "ready"]
     sched.stop(TIMEOUT)
 
     failures = []

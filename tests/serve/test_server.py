@@ -190,7 +190,8 @@ def test_health_and_info(http):
     assert info["model"] == NAME and info["hidden_size"] == 64 and info["max_input_length"] == MAX_LEN
     assert info["family"] == "llama" and info["dtype"] == "float32" and info["device"] == "cpu" and info["ready"]
     assert info["limits"] == {"max_batch_tokens": 16384, "max_batch_size": 256, "max_queue_tokens": 262144,
-                              "max_request_bytes": 32 * 262144}
+                              "max_request_bytes": 32 * 262144, "max_client_batch_size": 2048,
+                              "max_input_chars": 32 * MAX_LEN, "max_request_chars": 16 * 262144}
 
 
 # -- bad input: status, and a message naming the field ----------------------------------------------
