@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -106,10 +107,11 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return status
 
 
-def run_load(port: int, payloads: list[tuple[bytes, int]], clients: int, warmup_s: float, measure_s: float) -> LoadResult:
+def run_load(port: int, payloads: list[tuple[bytes, int]], clients: int, warmup_s: float, measure_s: float,
+             stop: Callable[[], bool] | None = None) -> LoadResult:
     """``clients`` closed-loop clients cycle through ``payloads`` ((request bytes, tokens) pairs) for
-    ``warmup_s`` then ``measure_s`` seconds; the requests that finish inside the measured window
-    count. Any status but 200 raises."""
+    ``warmup_s`` then ``measure_s`` seconds, or until ``stop()`` says so; the requests that finish
+    inside the measured window count. Any status but 200 raises."""
 
     async def main() -> LoadResult:
         start = time.perf_counter()
@@ -126,7 +128,7 @@ def run_load(port: int, payloads: list[tuple[bytes, int]], clients: int, warmup_
                     payload, n_tokens = payloads[i % len(payloads)]
                     i += clients
                     sent = time.perf_counter()
-                    if sent >= t1:
+                    if sent >= t1 or (stop is not None and stop()):
                         return
                     status = await _exchange(reader, writer, payload)
                     done = time.perf_counter()

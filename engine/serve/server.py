@@ -22,7 +22,7 @@ import uvicorn
 
 from .. import shell
 from .cli import PROG
-from .connections import MAX_HEADER_BYTES, BoundedH11Protocol
+from .connections import BoundedHttpToolsProtocol
 
 
 def serve(engine: Any, sock: socket.socket, args: argparse.Namespace, api_key: str | None) -> int:
@@ -36,12 +36,11 @@ def serve(engine: Any, sock: socket.socket, args: argparse.Namespace, api_key: s
     app = create_app(engine, settings)
     service = app.state.service
     host, port = sock.getsockname()[:2]
-    # h11 with a read deadline, bounded headers and connections, a bounded drain: see .connections.
+    # httptools with bounded headers and a read deadline, bounded connections, a bounded drain: see .connections.
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "trace"),
                             lifespan="on", timeout_keep_alive=30,
-                            http=functools.partial(BoundedH11Protocol, read_timeout=args.read_timeout),
-                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=args.max_connections,
-                            timeout_graceful_shutdown=args.graceful_timeout)
+                            http=functools.partial(BoundedHttpToolsProtocol, read_timeout=args.read_timeout),
+                            limit_concurrency=args.max_connections, timeout_graceful_shutdown=args.graceful_timeout)
     server = _Server(config, on_signal=lambda: setattr(service, "draining", True))
     failure: list[BaseException] = []
 
