@@ -70,7 +70,7 @@ def test_workers_match_encode_for_every_format(tmp_path, ray_instance, engine_di
     assert len(workers) == 2 and sum(w["passages"] for w in workers.values()) == len(expected)
 
 
-def test_a_killed_actor_is_replaced_and_every_passage_appears_once(tmp_path, ray_instance, engine_dir, engine,
+def test_an_actor_killed_mid_job_leaves_every_passage_exactly_once(tmp_path, ray_instance, engine_dir, engine,
                                                                     capsys):
     path = tmp_path / "corpus.txt"
     expected = write_txt(path, 4800, seed=11)
@@ -95,9 +95,8 @@ def test_a_killed_actor_is_replaced_and_every_passage_appears_once(tmp_path, ray
     killer = threading.Thread(target=kill_one_actor_mid_job, daemon=True)
     killer.start()
     # Small batches over many passages: the actors' work outlasts the first shard written, so that the
-    # kill lands while the killed actor still has passages to embed (with a few large batches both
-    # actors could finish everything before the driver writes a shard, and nothing would be left to
-    # replace the killed actor for).
+    # kill lands while the job still has passages to embed (with a few large batches both actors could
+    # finish everything before the driver writes a shard).
     code = main([str(engine_dir), str(path), "--out", str(out), "--workers", "2", "--threads", "1",
                  "--shard-size", "200", "--batch-size", "16", "--quiet"])
     killer.join(timeout=5)
@@ -107,9 +106,9 @@ def test_a_killed_actor_is_replaced_and_every_passage_appears_once(tmp_path, ray
     assert ids == [i for i, _ in expected]  # every passage exactly once, in order
     want = engine.encode([t for _, t in expected], convert_to_numpy=True)
     assert relative_error(emb, want).max() <= 1e-6
-    # The killed actor was replaced: a worker process that did not exist at the kill did work.
+    # Whether Ray's replacement actor gets any of the remaining work is Ray's timing, not ours (the
+    # surviving actor often finishes the job before the replacement has started): what is promised
+    # is the output above. The work of a task lost with the killed actor was redone, never dropped.
     workers = manifest["summary"]["workers"]
-    pids = {int(name.rsplit(":", 1)[1]) for name, w in workers.items() if w["passages"]}
-    assert pids - set(killed["alive"]), (workers, killed)
     assert sum(w["passages"] for w in workers.values()) >= len(expected)
     assert np.all([s["complete"] for s in manifest["shards"]])
