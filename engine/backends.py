@@ -1,5 +1,6 @@
-"""Backends: the handful of operations the model delegates, so that one model definition runs both
-as the plain-PyTorch reference (ground truth, autograd, dropout) and on our fused Triton kernels.
+"""Backends: the handful of operations the model delegates, so that one model definition runs as the
+plain-PyTorch reference (ground truth, autograd, dropout), on our fused Triton kernels, and on the
+CPU's in-place ops (``engine/cpu_ops.py``: the reference's values, inference only).
 
 Every op works on packed tokens:
 - ``rms_norm(x, weight, eps, offset, residual) -> (normed, x + residual)``, x: [tokens, hidden]
@@ -29,8 +30,8 @@ from encoder_kernels._common import interpreting
 
 from . import cpu_ops
 from .batch import PackedBatch
+from .choices import BACKENDS
 
-BACKENDS = ("reference", "triton", "cpu")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Builds a small Llama-family checkpoint with random weights (no model hub needed)
 shapes, a cosine-similarity table and the throughput. Random weights give meaningless similarities:
 this shows the pipeline end to end, not embedding quality.
 
-    python -m engine.demo [--workdir DIR] [--backend reference|triton] [--device cpu|cuda]
+    python -m engine.demo [--workdir DIR] [--backend reference|triton|cpu] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import shell
+from .choices import BACKENDS
 
 PROG = "engine.demo"
 
@@ -32,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = shell.Parser(name=PROG, prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--backend", default=None, help="engine backend (default: the device's default)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="engine backend (default: triton on CUDA, cpu on the CPU)")
     return parser
 
 

@@ -71,8 +71,9 @@ class Engine:
         ``dtype``: the compute dtype; by default float32 on CPU and bfloat16 on CUDA; ``None`` keeps the
         stored dtype. ``pooling`` and ``max_length`` override the defaults stored at conversion; a
         ``max_length`` beyond the model's ``max_position_embeddings`` is refused unless
-        ``allow_beyond_max_positions``. ``backend``: ``"reference"`` (plain PyTorch) or ``"triton"``
-        (fused kernels); by default ``triton`` on CUDA and ``reference`` elsewhere. ``verify``: check
+        ``allow_beyond_max_positions``. ``backend``: ``"reference"`` (plain PyTorch, the ground truth),
+        ``"triton"`` (fused kernels) or ``"cpu"`` (the reference's values computed in place); by
+        default ``triton`` on CUDA, ``cpu`` on the CPU and ``reference`` elsewhere. ``verify``: check
         every shard's sha256 against the record written at conversion (reads every byte).
         ``split_special_tokens``: read special-token strings in a text (``"</s>"``) as plain text
         instead of as the special token. ``cuda_graphs``: run batches of up to 2048 tokens and 64
