@@ -77,9 +77,8 @@ class Job:
     started: float | None = None  # first forward holding one of its inputs
     finished: float | None = None
     remaining: int = 0  # rows not yet written
-    queued: int = 0  # inputs not yet taken into a forward
-    pending: deque[int] = field(default_factory=deque)  # their indices, in input order
-    queued_tokens: int = 0
+    pending: deque[int] = field(default_factory=deque)  # indices of the inputs not yet taken into a forward
+    queued_tokens: int = 0  # their tokens
     cancelled: bool = False
     done: bool = False
 
@@ -167,7 +166,8 @@ class Scheduler:
         if n_tokens > self.max_queue_tokens:
             raise TooLarge(n_tokens, self.max_queue_tokens)
         job = Job(items, np.empty((len(items), self.hidden_size), dtype=np.float32), on_done, n_tokens,
-                  time.perf_counter(), remaining=len(items), queued=len(items), queued_tokens=n_tokens)
+                  time.perf_counter(), remaining=len(items), pending=deque(range(len(items))),
+                  queued_tokens=n_tokens)
         with self._cond:
             if not self.accepting:
                 raise NotAccepting("the server is not accepting requests (warming up or shutting down)")
@@ -178,7 +178,6 @@ class Scheduler:
             if not items:
                 job.done = True
             else:
-                job.pending.extend(range(len(items)))
                 self._jobs.append(job)
                 stats.queued_requests += 1
                 stats.queued_tokens += n_tokens
@@ -195,11 +194,8 @@ class Scheduler:
             if job.done or job.cancelled:
                 return 0
             job.cancelled = True
-            dropped = job.queued
-            if job.pending:
-                self._jobs.remove(job)
-                job.pending.clear()
-            self._take(job, job.queued, job.queued_tokens)
+            dropped = len(job.pending)
+            self._take(job, dropped, job.queued_tokens)
             self.stats.dropped_inputs += dropped
         if dropped:
             self._notify("dropped_inputs", dropped)
@@ -211,12 +207,18 @@ class Scheduler:
         return 1 if rate <= 0 else max(1, min(60, math.ceil(tokens / rate)))
 
     def _take(self, job: Job, n_inputs: int, n_tokens: int) -> None:
-        """Account for ``n_inputs`` of ``job`` leaving the queue (lock held)."""
-        job.queued -= n_inputs
+        """The first ``n_inputs`` waiting inputs of ``job`` (``n_tokens`` together) leave the queue,
+        into a forward or dropped; a request with none left waiting leaves the rotation (lock held)."""
+        if n_inputs == len(job.pending):
+            job.pending.clear()
+        else:
+            for _ in range(n_inputs):
+                job.pending.popleft()
         job.queued_tokens -= n_tokens
         self.stats.queued_tokens -= n_tokens
-        if n_inputs and job.queued == 0:
+        if n_inputs and not job.pending:
             self.stats.queued_requests -= 1
+            self._jobs.remove(job)
 
     # -- the worker ----------------------------------------------------------------------------------
 
@@ -250,14 +252,10 @@ class Scheduler:
                 self._cond.wait()
             picked = self._round_robin()
             (order,) = self._plan([e.n_tokens for e in picked], self.max_batch_size, self.max_batch_tokens)
-            batch = [picked[i] for i in order]
-            for entry in picked:
-                entry.job.pending.popleft()  # each request's inputs are taken from the front, in order
+            for entry in picked:  # each request's inputs are taken from the front, in order
                 self._take(entry.job, 1, entry.n_tokens)
-            for job in {e.job for e in picked if not e.job.pending}:
-                self._jobs.remove(job)
             self._jobs.rotate(-1)
-            return batch
+            return [picked[i] for i in order]
 
     def _round_robin(self) -> list[_Entry]:
         """One input of each waiting request per pass, in rotation order, within both budgets; a
@@ -299,10 +297,7 @@ class Scheduler:
                 for job in jobs:
                     if not job.done:
                         job.done = job.cancelled = True
-                        if job.pending:
-                            self._jobs.remove(job)
-                            job.pending.clear()
-                        self._take(job, job.queued, job.queued_tokens)
+                        self._take(job, len(job.pending), job.queued_tokens)
             for job in jobs:
                 job.on_done(exc)
             return
