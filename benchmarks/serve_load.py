@@ -45,7 +45,8 @@ class ServerProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.serve", str(engine_dir), "--port", str(self.port), *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
 
-    def wait_ready(self, timeout: float = 600) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 600, poll: float = 0.25) -> "ServerProcess":
+        """Return once ``GET /health`` answers 200, polled every ``poll`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -55,7 +56,7 @@ class ServerProcess:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.25)
+            time.sleep(poll)
         raise RuntimeError("server not ready in time")
 
     def metrics(self) -> str:
@@ -146,6 +147,12 @@ def run_load(port: int, payloads: list[tuple[bytes, int]], clients: int, warmup_
     return asyncio.run(main())
 
 
+def sample(text: str, name: str, default: float = float("nan")) -> float:
+    """One sample of Prometheus text, ``name`` with its labels as printed (``default`` when absent)."""
+    match = re.search("^" + re.escape(name) + r" (\S+)$", text, re.M)
+    return float(match[1]) if match else default
+
+
 def stage_means(before: str, after: str) -> dict[str, float]:
     """Mean per request of each stage's seconds (``request``: the whole embeddings request as the HTTP
     layer sees it; ``forward``: per forward; ``batch_inputs``/``batch_requests``: per forward) between
@@ -159,10 +166,9 @@ def stage_means(before: str, after: str) -> dict[str, float]:
         base, _, labels = name.partition("{")
         labels = "{" + labels if labels else ""
 
-        def sample(text: str, suffix: str) -> float:
-            match = re.search("^" + re.escape(base + suffix + labels) + r" (\S+)$", text, re.M)
-            return float(match[1]) if match else 0.0
+        def total(text: str, suffix: str) -> float:  # absent: nothing observed yet
+            return sample(text, base + suffix + labels, default=0.0)
 
-        count = sample(after, "_count") - sample(before, "_count")
-        out[key] = (sample(after, "_sum") - sample(before, "_sum")) / count if count else float("nan")
+        count = total(after, "_count") - total(before, "_count")
+        out[key] = (total(after, "_sum") - total(before, "_sum")) / count if count else float("nan")
     return out

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -30,20 +29,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import httpx  # noqa: E402
 
-from serve_load import ServerProcess, request_bytes, run_load, stage_means  # noqa: E402
+from serve_load import LoadResult, ServerProcess, request_bytes, run_load, sample, stage_means  # noqa: E402
 from test_serve import _build, _settings  # noqa: E402
 
 
-def _gauge(metrics: str, name: str) -> float:
-    match = re.search("^" + re.escape(name) + r" (\S+)$", metrics, re.M)
-    return float(match[1]) if match else float("nan")
-
-
-def _percentiles(latencies: list[float]) -> dict[str, float]:
-    ordered = sorted(latencies)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"requests": len(ordered), "p50_ms": pick(0.5) * 1e3, "p99_ms": pick(0.99) * 1e3,
-            "max_ms": ordered[-1] * 1e3}
+def _percentiles(load: LoadResult) -> dict[str, float]:
+    return {"requests": load.requests, "p50_ms": load.percentile(0.5) * 1e3, "p99_ms": load.percentile(0.99) * 1e3,
+            "max_ms": max(load.latencies) * 1e3}
 
 
 def run_benchmark(workdir: Path) -> dict:
@@ -57,15 +49,7 @@ def run_benchmark(workdir: Path) -> dict:
     srv = ServerProcess(engine_dir, "--max-client-batch-size", str(bulk_n), "--max-queue-tokens", str(64 * bulk_n),
                         threads=settings["threads"], log=workdir / "fair.log")
     try:
-        while True:  # launch to ready, polled every 10 ms
-            try:
-                if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if srv.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {(workdir / 'fair.log').read_text()[-2000:]}")
-            time.sleep(0.01)
+        srv.wait_ready(poll=0.01)
         ready_s = time.perf_counter() - launched
         first = httpx.post(srv.url + "/v1/embeddings", json={"input": "the first sentence"}, timeout=60)
         first_s = time.perf_counter() - launched
@@ -97,7 +81,7 @@ def run_benchmark(workdir: Path) -> dict:
 
         def watch() -> None:
             while not embedded.is_set():
-                if _gauge(srv.metrics(), "engine_queue_tokens") <= 64:
+                if sample(srv.metrics(), "engine_queue_tokens") <= 64:
                     embedded.set()
                 time.sleep(0.05)
 
@@ -110,8 +94,8 @@ def run_benchmark(workdir: Path) -> dict:
         assert outcome.get("status") == 200, outcome
         forward_s = stage_means(before, srv.metrics())["forward"]
         return {"settings": settings, "bulk_sentences": bulk_n, "launch_to_ready_s": ready_s,
-                "launch_to_first_embedding_s": first_s, "idle": _percentiles(idle.latencies),
-                "during_bulk": _percentiles(during.latencies), "bulk_seconds": outcome["seconds"],
+                "launch_to_first_embedding_s": first_s, "idle": _percentiles(idle),
+                "during_bulk": _percentiles(during), "bulk_seconds": outcome["seconds"],
                 "bulk_embedding_s": embedding_s, "mean_forward_during_bulk_s": forward_s}
     finally:
         srv.stop()

@@ -13,7 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -85,6 +87,18 @@ class Server:
                 self.proc.wait(STOP_TIMEOUT)
         self._log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def running(servers: dict[str, Server]) -> Iterator[dict[str, Server]]:
+    """``servers``, started together (their imports overlap), each ready; every one is stopped on exit."""
+    try:
+        for srv in servers.values():
+            srv.wait_ready()
+        yield servers
+    finally:
+        for srv in servers.values():
+            srv.stop()
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

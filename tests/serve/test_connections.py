@@ -23,7 +23,7 @@ from converters.tiny_models import sample_sentences
 from engine import Engine
 from engine.serve.connections import MAX_HEADER_BYTES
 
-from ._server import Server, build_engine
+from ._server import Server, build_engine, running
 
 WAIT = 60  # seconds: the bound on any wait below (a hang fails the test instead of the suite)
 
@@ -42,13 +42,8 @@ def servers(engine_dir, tmp_path_factory):
         "shut": Server(engine_dir, "--graceful-timeout", "8", "--read-timeout", "300", "--max-batch-size", "1",
                        log_dir=logs),
     }
-    try:
-        for srv in started.values():
-            srv.wait_ready()
+    with running(started):
         yield started
-    finally:
-        for srv in started.values():
-            srv.stop()
 
 
 def connect(srv: Server) -> socket.socket:

@@ -23,7 +23,7 @@ import pytest
 from converters.tiny_models import sample_sentences
 from engine import Engine
 
-from ._server import Server, build_engine, metric
+from ._server import Server, build_engine, metric, running
 
 ATOL = 2e-6
 QUEUE_LIMIT = 1000
@@ -48,13 +48,8 @@ def servers(engine_dir, tmp_path_factory):
         "drop": Server(engine_dir, "--max-batch-size", "1", log_dir=logs),
         "shut": Server(engine_dir, "--max-batch-size", "1", log_dir=logs),
     }
-    try:
-        for srv in started.values():
-            srv.wait_ready()
+    with running(started):
         yield started
-    finally:
-        for srv in started.values():
-            srv.stop()
 
 
 def wait_for(condition, what: str) -> None:
